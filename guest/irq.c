@@ -1,0 +1,181 @@
+/* irq: proves that hardware interrupts reach the guest through the IOAPIC and
+ * LAPIC: one PIT tick (ISA IRQ 0) and one serial receive interrupt (COM1,
+ * IRQ 4) when the VMM feeds a byte from its stdin. The pin the PIT tick came
+ * in on must be the one the MP table gives for ISA IRQ 0: an OS programs
+ * only that pin.
+ *
+ *   irq: pit ok (ioapic pin 2, mp table pin 2)
+ *   irq: waiting for serial input
+ *   irq: serial ok (ioapic pin 4) byte 0x61
+ *   irq: ok                                        exit 0x10
+ *   irq: FAIL <why>                                exit 0x11
+ * No PIT tick at all leaves the guest halted until the VMM's --timeout.
+ */
+#include "lib.h"
+#include "mp.h"
+
+/* Vectors (>= 32: below are exceptions). ISA IRQ 0 is wired to IOAPIC pin 2
+ * by the usual interrupt source override, but a VMM may keep it on pin 0:
+ * both pins are programmed, with different vectors, to tell which fired. */
+#define VEC_PIN0 0x30
+#define VEC_PIN2 0x32
+#define VEC_COM1 0x34
+#define VEC_SPURIOUS 0xff
+#define PIN_COM1 4
+
+/* The stub layout of isr.S: 16 bytes per vector. */
+extern u8 isr_stubs[];
+static const u8 device_vectors[] = {VEC_PIN0, VEC_PIN2, VEC_COM1, VEC_SPURIOUS};
+
+/* 64-bit interrupt gate (SDM Vol. 3A §7.14.1, figure 7-8). */
+struct gate {
+	u16 off_lo;
+	u16 sel;
+	u8 ist;
+	u8 type; /* P=1, DPL=0, type 0xe: 64-bit interrupt gate */
+	u16 off_mid;
+	u32 off_hi;
+	u32 zero;
+};
+static struct gate idt[256] __attribute__((aligned(16)));
+
+static void set_gate(u32 vec, u64 handler, u16 cs)
+{
+	idt[vec] = (struct gate){(u16)handler, cs, 0, 0x8e, (u16)(handler >> 16),
+				 (u32)(handler >> 32), 0};
+}
+
+static void load_idt(void)
+{
+	u16 cs;
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	for (u32 v = 0; v < 32; v++)
+		set_gate(v, (u64)isr_stubs + 16 * v, cs);
+	for (u32 i = 0; i < ARRAY_SIZE(device_vectors); i++)
+		set_gate(device_vectors[i], (u64)isr_stubs + 16 * (32 + i), cs);
+	struct __attribute__((packed)) { u16 limit; u64 base; } idtr = {sizeof(idt) - 1, (u64)idt};
+	__asm__ volatile("lidt %0" : : "m"(idtr));
+}
+
+/* IOAPIC: index/data window (82093AA datasheet §3.0); redirection entry n
+ * is registers 0x10 + 2n (low) and 0x11 + 2n (high). */
+static void ioapic_write(u32 reg, u32 v)
+{
+	mmio_write32(IOAPIC_BASE, reg);
+	mmio_write32(IOAPIC_BASE + 0x10, v);
+}
+
+/* Fixed delivery, physical destination, active high, edge: only the vector
+ * and the mask bit (16) are set. */
+static void ioapic_route(u32 pin, u8 vector, u32 dest, int masked)
+{
+	ioapic_write(0x11 + 2 * pin, dest << 24);
+	ioapic_write(0x10 + 2 * pin, vector | (masked ? 1u << 16 : 0));
+}
+
+/* 16550 registers (offsets from COM1). */
+#define UART_RBR 0
+#define UART_IER 1
+#define UART_IIR 2
+#define UART_MCR 4
+#define UART_LSR 5
+
+static volatile u32 ticks, ticks_pin0, ticks_pin2;
+static volatile u32 rx_irqs, rx_bytes;
+static volatile u8 rx_first;
+
+void irq_dispatch(u64 vec)
+{
+	if (vec < 32) {
+		/* An exception in a guest this small is a bug: say which. */
+		kprintf("irq: FAIL exception %lu\n", vec);
+		debug_exit(EXIT_FAIL);
+	}
+	switch (vec) {
+	case VEC_PIN0:
+	case VEC_PIN2:
+		ticks++;
+		if (vec == VEC_PIN0)
+			ticks_pin0++;
+		else
+			ticks_pin2++;
+		break;
+	case VEC_COM1:
+		rx_irqs++;
+		(void)inb(COM1 + UART_IIR);
+		while (inb(COM1 + UART_LSR) & 1) { /* LSR.DR: drain the FIFO */
+			u8 b = inb(COM1 + UART_RBR);
+			if (!rx_bytes++)
+				rx_first = b;
+		}
+		break;
+	case VEC_SPURIOUS:
+		return; /* no EOI for the spurious vector (SDM Vol. 3A §11.9) */
+	}
+	lapic_write(LAPIC_EOI, 0);
+}
+
+/* Waits with interrupts on; `sti; hlt` cannot lose a wake-up because STI's
+ * shadow covers HLT (SDM Vol. 2B, STI). */
+static void wait_irq(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); }
+
+#define PIT_HZ 1193182
+#define TICK_HZ 100
+
+int guest_main(void)
+{
+	u32 me = lapic_id();
+	load_idt();
+
+	/* Mask the 8259s (OCW1) and LINT0, so ISA interrupts come only through
+	 * the IOAPIC (MP spec 1.4 §3.6.2.3, symmetric I/O mode). */
+	outb(0x21, 0xff);
+	outb(0xa1, 0xff);
+	lapic_write(LAPIC_LVT_LINT0, 1u << 16);
+	lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+
+	ioapic_route(0, VEC_PIN0, me, 0);
+	ioapic_route(2, VEC_PIN2, me, 0);
+	ioapic_route(PIN_COM1, VEC_COM1, me, 0);
+
+	/* PIT channel 0, lobyte/hibyte, mode 2 (rate generator), 100 Hz
+	 * (Intel 8254 datasheet, control word format). */
+	u32 div = PIT_HZ / TICK_HZ;
+	outb(0x43, 0x34);
+	outb(0x40, (u8)div);
+	outb(0x40, (u8)(div >> 8));
+	while (!ticks)
+		wait_irq();
+	struct mp_info mp;
+	const char *err = mp_read(&mp);
+	int pin = ticks_pin0 && ticks_pin2 ? -2 : ticks_pin2 ? 2 : 0;
+	if (err || pin != mp.irq0_pin) {
+		kprintf("irq: FAIL pit tick on ioapic pin %s but the mp table %s%d\n",
+			pin == -2 ? "0 and 2" : pin ? "2" : "0",
+			err ? err : "routes isa irq 0 to pin ", err ? 0 : mp.irq0_pin);
+		return EXIT_FAIL;
+	}
+	kprintf("irq: pit ok (ioapic pin %d, mp table pin %d)\n", pin, mp.irq0_pin);
+
+	/* Receive-data interrupt (IER bit 0); MCR.OUT2 gates the IRQ line on PCs. */
+	outb(COM1 + UART_MCR, 0x0b);
+	outb(COM1 + UART_IER, 0x01);
+	kprintf("irq: waiting for serial input\n");
+	/* Bounded by PIT ticks: 5 s at 100 Hz. */
+	u32 start = ticks;
+	while (!rx_irqs && ticks - start < 5 * TICK_HZ)
+		wait_irq();
+	outb(COM1 + UART_IER, 0);
+	ioapic_route(0, VEC_PIN0, me, 1);
+	ioapic_route(2, VEC_PIN2, me, 1);
+	if (!rx_irqs) {
+		if (inb(COM1 + UART_LSR) & 1)
+			kprintf("irq: FAIL serial data is ready but no interrupt came\n");
+		else
+			kprintf("irq: FAIL no serial input within 5 s\n");
+		return EXIT_FAIL;
+	}
+	kprintf("irq: serial ok (ioapic pin %u) byte %#02x\n", PIN_COM1, rx_first);
+	kprintf("irq: ok\n");
+	return EXIT_OK;
+}

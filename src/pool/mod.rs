@@ -1,0 +1,329 @@
+//! The host-pool ledger: hosts, their inventories, and the allocations VMs hold.
+//!
+//! A [`Ledger`] is one open pool file. `minivmm run` uses [`Ledger::claim_local`] for
+//! admission; the `pool` commands use the rest; the scheduler claims through
+//! [`Ledger::claim`]. Storage sits behind the [`Store`] trait (SQLite by default).
+
+pub mod cli;
+mod local;
+pub mod model;
+pub mod owner;
+pub mod sqlite;
+pub mod store;
+pub mod table;
+pub mod units;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use model::{Allocation, Amounts, Host, HostSpec, Inventory, Owner, Resource};
+pub use sqlite::SqliteStore;
+pub use store::{ClaimRequest, Committed, Delta, Store};
+
+/// Everything that can go wrong in the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The pool file could not be opened.
+    #[error("cannot open pool {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The file exists but is not a minivmm pool.
+    #[error("{path} is not a minivmm pool: {reason}")]
+    NotAPool {
+        /// The file.
+        path: PathBuf,
+        /// How we know.
+        reason: String,
+    },
+    /// The pool was written by a newer minivmm.
+    #[error("{path} has pool schema version {found}; this minivmm knows up to {supported}")]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its schema version.
+        found: i64,
+        /// Ours.
+        supported: i64,
+    },
+    /// A database error during an operation.
+    #[error("pool database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A file or /proc read failed.
+    #[error("reading {what}: {source}")]
+    Io {
+        /// What was read.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// This machine's identity or capacity could not be found.
+    #[error("{0}")]
+    Local(String),
+    /// Bad input from the user; nothing was changed.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// No host has this name.
+    #[error("no host named {0} in the pool")]
+    UnknownHost(String),
+    /// A host with this name exists already.
+    #[error("a host named {0} is already in the pool")]
+    DuplicateHost(String),
+    /// The host holds allocations.
+    #[error("host {host} holds {count} allocation(s); release them first or use --force")]
+    HostBusy {
+        /// Host name.
+        host: String,
+        /// Allocations on it.
+        count: usize,
+    },
+    /// No allocation has this id.
+    #[error("no allocation with id {0}")]
+    UnknownAllocation(i64),
+    /// The host lacks one resource.
+    #[error("host {host} lacks {resource}: asked {asked}, free {free}")]
+    Insufficient {
+        /// Host name.
+        host: String,
+        /// The resource that does not fit.
+        resource: Resource,
+        /// What was asked, with its unit.
+        asked: String,
+        /// What is free, with its unit.
+        free: String,
+    },
+    /// The host is disabled.
+    #[error("host {0} is disabled")]
+    HostDisabled(String),
+    /// The host has as many VMs as it may.
+    #[error("host {host} already has its maximum of {max} VMs")]
+    HostFull {
+        /// Host name.
+        host: String,
+        /// Its limit.
+        max: u64,
+    },
+    /// The host already holds a VM of this anti-affinity group.
+    #[error("host {host} already holds a VM of group {group}")]
+    GroupConflict {
+        /// Host name.
+        host: String,
+        /// The group.
+        group: String,
+    },
+    /// Someone else changed the host between read and write; try again.
+    #[error("host {0} was changed by someone else meanwhile; try again")]
+    Conflict(String),
+}
+
+/// The default pool file: $MINIVMM_POOL, else $XDG_STATE_HOME/minivmm/pool.db, else
+/// ~/.local/state/minivmm/pool.db.
+pub fn default_path() -> Result<PathBuf, PoolError> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(p) = var("MINIVMM_POOL") {
+        return Ok(PathBuf::from(p));
+    }
+    let state = var("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .ok_or_else(|| {
+            PoolError::Local("neither MINIVMM_POOL, XDG_STATE_HOME nor HOME is set".into())
+        })?;
+    Ok(state.join("minivmm/pool.db"))
+}
+
+/// One open pool. Cheap to clone and share between threads: the store (one database
+/// connection) sits behind a mutex.
+#[derive(Clone)]
+pub struct Ledger {
+    store: Arc<Mutex<Box<dyn Store>>>,
+    path: PathBuf,
+}
+
+impl Ledger {
+    /// Opens (creating if absent) the pool at `path` or the default path.
+    pub fn open(path: Option<&Path>) -> Result<Ledger, PoolError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => default_path()?,
+        };
+        let store = SqliteStore::open(&path)?;
+        Ok(Ledger::with_store(Box::new(store), path))
+    }
+
+    /// A ledger over any store; `path` names it in messages and places `init`'s disk
+    /// measurement.
+    pub fn with_store(store: Box<dyn Store>, path: PathBuf) -> Ledger {
+        Ledger {
+            store: Arc::new(Mutex::new(store)),
+            path,
+        }
+    }
+
+    /// The pool file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Locks the store for one operation.
+    pub fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
+        // A panic while holding the lock leaves SQLite consistent (its transaction rolls
+        // back on drop), so a poisoned lock is safe to keep using.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers this machine with its real capacity, unless a host of its name exists.
+    /// Returns the host and whether it was added now.
+    pub fn init_local(&self) -> Result<(Host, bool), PoolError> {
+        let name = owner::hostname()?;
+        let mut store = self.store();
+        match store.host(&name) {
+            Ok(h) => return Ok((h, false)),
+            Err(PoolError::UnknownHost(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let spec = local::local_host_spec(dir)?;
+        match store.add_hosts(std::slice::from_ref(&spec)) {
+            // Another process registered it between our look and our write: fine.
+            Ok(()) | Err(PoolError::DuplicateHost(_)) => Ok((store.host(&name)?, true)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds a host.
+    pub fn add_host(&self, spec: &HostSpec) -> Result<Host, PoolError> {
+        let mut store = self.store();
+        store.add_hosts(std::slice::from_ref(spec))?;
+        store.host(&spec.name)
+    }
+
+    /// Changes a host with `edit`, atomically against concurrent edits (by generation).
+    pub fn set_host(
+        &self,
+        name: &str,
+        edit: impl Fn(&mut HostSpec) -> Result<(), PoolError>,
+    ) -> Result<Host, PoolError> {
+        let mut store = self.store();
+        // A claim elsewhere bumps the generation too; retry a few times on such races.
+        for _ in 0..8 {
+            let host = store.host(name)?;
+            let mut spec = host.spec.clone();
+            edit(&mut spec)?;
+            match store.update_host(name, &spec, host.generation) {
+                Err(PoolError::Conflict(_)) => continue,
+                other => return other,
+            }
+        }
+        Err(PoolError::Conflict(name.to_string()))
+    }
+
+    /// Claims `amounts` on the named host, held until released explicitly.
+    pub fn claim_on(
+        &self,
+        host: &str,
+        vm_name: &str,
+        amounts: Amounts,
+        owner: Option<Owner>,
+    ) -> Result<Allocation, PoolError> {
+        model::validate_name("VM name", vm_name)?;
+        amounts.validate_request()?;
+        let mut store = self.store();
+        let host_id = store.host(host)?.id;
+        let request = ClaimRequest {
+            host_id,
+            vm_name: vm_name.to_string(),
+            group: None,
+            amounts,
+            owner,
+        };
+        let mut choose = |_: Delta| Ok(vec![request.clone()]);
+        let committed = store.claim(None, &mut choose, false)?;
+        committed
+            .results
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(PoolError::Local("the claim returned no result".into())))
+    }
+
+    /// Claims vcpus and memory on the local host (registering it with its real capacity,
+    /// like `pool init`, if the pool has no local host yet). Error message names the
+    /// resource, what is asked and what is free.
+    pub fn claim_local(
+        &self,
+        vm_name: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<Claim, PoolError> {
+        let (host, _) = self.init_local()?;
+        let owner = owner::current()?;
+        let amounts = Amounts::new(vcpus.into(), memory_mib, 0);
+        let a = self.claim_on(&host.spec.name, vm_name, amounts, Some(owner))?;
+        log::info!(
+            "pool: claimed {} vcpus, {} MiB on {} for {vm_name} (allocation {})",
+            vcpus,
+            memory_mib,
+            a.host,
+            a.id
+        );
+        Ok(Claim {
+            ledger: self.clone(),
+            id: a.id,
+            released: false,
+        })
+    }
+
+    /// Releases one allocation by id.
+    pub fn release(&self, id: i64) -> Result<Allocation, PoolError> {
+        self.store().release(id)
+    }
+
+    /// Releases every allocation whose owner process is gone.
+    pub fn gc(&self) -> Result<Vec<Allocation>, PoolError> {
+        self.store().release_stale()
+    }
+}
+
+/// An allocation held by this process; released on drop (and explicitly via release()).
+pub struct Claim {
+    ledger: Ledger,
+    id: i64,
+    released: bool,
+}
+
+impl Claim {
+    /// The allocation's id in the ledger.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Releases the allocation now, reporting any error.
+    pub fn release(mut self) -> Result<(), PoolError> {
+        self.released = true;
+        self.ledger.release(self.id).map(|_| ())
+    }
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("id", &self.id)
+            .field("pool", &self.ledger.path)
+            .finish()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.released
+            && let Err(e) = self.ledger.release(self.id)
+        {
+            // Nothing leaks even so: the next claim or `pool gc` finds it stale once
+            // this process is gone.
+            log::error!("pool: could not release allocation {}: {e}", self.id);
+        }
+    }
+}

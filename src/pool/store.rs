@@ -1,0 +1,88 @@
+//! The storage boundary: everything the ledger and the scheduler need from a database.
+//!
+//! SQLite ([`super::sqlite::SqliteStore`]) is the embedded default. A shared database
+//! (PostgreSQL is the plan) implements the same trait: the one subtle method is
+//! [`Store::claim`], which must run the caller's choice and the writes in one
+//! serialisable transaction.
+
+use std::collections::BTreeMap;
+
+use super::PoolError;
+use super::model::{Allocation, Amounts, Host, HostSpec, Owner};
+
+/// What changed in the pool since a caller's last look, by pool generation.
+#[derive(Debug)]
+pub enum Delta {
+    /// Nothing changed.
+    Unchanged,
+    /// These hosts were added or changed (their state is current); none was removed.
+    Hosts(Vec<Host>),
+    /// A host was removed since the caller looked: this is the whole pool.
+    Everything(Vec<Host>),
+}
+
+/// One allocation to record, on a host chosen by the caller.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest {
+    /// Database id of the chosen host.
+    pub host_id: i64,
+    /// VM name.
+    pub vm_name: String,
+    /// Anti-affinity group: refused if the host already holds one of the group.
+    pub group: Option<String>,
+    /// What to hold.
+    pub amounts: Amounts,
+    /// The holding process; None to hold until released explicitly.
+    pub owner: Option<Owner>,
+}
+
+/// The result of one claim transaction.
+#[derive(Debug)]
+pub struct Committed {
+    /// Pool generation after the transaction; the caller is now up to date with it.
+    pub generation: u64,
+    /// One result per request, in order. A refused request changed nothing.
+    pub results: Vec<Result<Allocation, PoolError>>,
+}
+
+/// Chooses allocations inside a claim transaction, given what changed since it last looked.
+pub type Chooser<'a> = dyn FnMut(Delta) -> Result<Vec<ClaimRequest>, PoolError> + 'a;
+
+/// A ledger's storage.
+pub trait Store: Send {
+    /// Records new hosts, all or none; refuses a duplicate name.
+    fn add_hosts(&mut self, specs: &[HostSpec]) -> Result<(), PoolError>;
+    /// One host by name.
+    fn host(&mut self, name: &str) -> Result<Host, PoolError>;
+    /// Replaces a host's spec if its generation is still `generation` (compare-and-swap).
+    fn update_host(
+        &mut self,
+        name: &str,
+        spec: &HostSpec,
+        generation: u64,
+    ) -> Result<Host, PoolError>;
+    /// Removes a host; with allocations, refused unless `force` (which drops them).
+    /// Returns how many allocations were dropped.
+    fn remove_host(&mut self, name: &str, force: bool) -> Result<usize, PoolError>;
+    /// Every host, by name.
+    fn hosts(&mut self) -> Result<Vec<Host>, PoolError>;
+    /// Every live allocation, by id.
+    fn allocations(&mut self) -> Result<Vec<Allocation>, PoolError>;
+    /// Releases one allocation.
+    fn release(&mut self, id: i64) -> Result<Allocation, PoolError>;
+    /// Releases every allocation whose owner is gone; returns them.
+    fn release_stale(&mut self) -> Result<Vec<Allocation>, PoolError>;
+    /// In one write transaction: releases stale allocations, tells `choose` what changed
+    /// since generation `seen` (Some(0): never looked; None: not interested, always
+    /// [`Delta::Unchanged`]), then records each request it returns
+    /// if it still fits, all or nothing per request. With `dry_run`, rolls everything back.
+    fn claim(
+        &mut self,
+        seen: Option<u64>,
+        choose: &mut Chooser<'_>,
+        dry_run: bool,
+    ) -> Result<Committed, PoolError>;
+    /// Per host name, the sums of its live allocations and their count, computed from
+    /// the allocations themselves: a consistency check of the usage the store keeps.
+    fn recount(&mut self) -> Result<BTreeMap<String, (Amounts, u64)>, PoolError>;
+}

@@ -1,0 +1,280 @@
+//! `VmConfig`: everything needed to build one VM, validated before any KVM call.
+//!
+//! Validation happens here, up front, so that a bad flag is reported with a clear
+//! message before /dev/kvm is even opened, and nothing has to be torn down.
+
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The command line Linux gets when the user gives none: console on COM1, reboot
+/// through the i8042 keyboard controller (which ends the VM), and reboot at once
+/// on panic so a crashed guest ends the VM instead of hanging.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Smallest guest RAM accepted. Linux needs a few MiB for itself; 32 MiB leaves room
+/// for a small initramfs.
+pub const MIN_MEMORY_MIB: u64 = 32;
+
+/// Largest guest RAM accepted: 1 TiB. Memory is mapped lazily (nothing is prefaulted),
+/// so the real limit is what the guest touches; this bound only catches typos.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Highest vCPU count minivmm builds tables for. xAPIC IDs are 8 bits and 0xff is the
+/// broadcast ID (Intel SDM vol. 3A, 10.6.2.1), so 254 vCPUs (IDs 0..=253) plus the
+/// IOAPIC's ID fit. KVM's own limit (KVM_CAP_MAX_VCPUS) is checked when the VM is built.
+pub const MAX_VCPUS: u32 = 254;
+
+/// Errors in a VM configuration. Each names the bad value and how to fix it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The memory size string could not be parsed.
+    #[error(
+        "cannot parse memory size {0:?}: use a number with an optional unit, e.g. 512M, 2G, 1536M (a bare number is MiB)"
+    )]
+    BadMemorySize(String),
+    /// The memory size is outside the accepted range.
+    #[error(
+        "--memory {given} MiB is {which}: minivmm accepts {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB"
+    )]
+    MemoryOutOfRange {
+        /// Requested size in MiB.
+        given: u64,
+        /// "too small" or "too large".
+        which: &'static str,
+    },
+    /// The duration string could not be parsed.
+    #[error(
+        "cannot parse duration {0:?}: use e.g. 30s, 2m, 500ms or 1h (a bare number is seconds)"
+    )]
+    BadDuration(String),
+    /// vCPU count is zero or too high.
+    #[error("--vcpus {given} is out of range: give 1 to {max}")]
+    VcpusOutOfRange {
+        /// Requested count.
+        given: u32,
+        /// The highest count accepted.
+        max: u32,
+    },
+    /// The command line contains a NUL byte, which would end it early in the guest.
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineNul,
+}
+
+/// Where the guest's serial console (COM1) goes.
+pub enum SerialOut {
+    /// The process's standard output (and stdin feeds the guest).
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Discarded.
+    None,
+    /// Any writer, for library users and tests that want to read the console.
+    Writer(Box<dyn Write + Send>),
+}
+
+impl fmt::Debug for SerialOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialOut::Stdout => write!(f, "stdout"),
+            SerialOut::File(p) => write!(f, "file {}", p.display()),
+            SerialOut::None => write!(f, "none"),
+            SerialOut::Writer(_) => write!(f, "writer"),
+        }
+    }
+}
+
+/// Where the guest's serial input comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SerialIn {
+    /// Nothing: the guest's receive FIFO stays empty.
+    None,
+    /// This process's standard input. On a terminal it is switched to raw mode while
+    /// the VM runs, and Ctrl-A then `x` stops the VM (as in QEMU).
+    Stdin,
+}
+
+/// A virtual machine's description: the kernel and what the guest gets.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Kernel image: bzImage, or ELF vmlinux (with or without a PVH note).
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk, handed to the kernel as-is.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs, 1..=[`MAX_VCPUS`].
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Stop the VM after this long (the outcome is then a timeout).
+    pub timeout: Option<Duration>,
+    /// Where COM1's output goes.
+    pub serial_out: SerialOut,
+    /// Where COM1's input comes from.
+    pub serial_in: SerialIn,
+    /// Log every VM exit as it happens (for learners; at `info` level).
+    pub trace_exits: bool,
+}
+
+impl VmConfig {
+    /// A configuration with minivmm's defaults: 1 vCPU, 128 MiB, the default
+    /// command line, console discarded, no timeout.
+    pub fn new(kernel: impl Into<PathBuf>) -> VmConfig {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: 1,
+            memory_mib: 128,
+            timeout: None,
+            serial_out: SerialOut::None,
+            serial_in: SerialIn::None,
+            trace_exits: false,
+        }
+    }
+
+    /// Checks the values that can be checked without opening files or /dev/kvm.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::VcpusOutOfRange {
+                given: self.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        check_memory(self.memory_mib)?;
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        Ok(())
+    }
+}
+
+fn check_memory(mib: u64) -> Result<(), ConfigError> {
+    let which = if mib < MIN_MEMORY_MIB {
+        "too small"
+    } else if mib > MAX_MEMORY_MIB {
+        "too large"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::MemoryOutOfRange { given: mib, which })
+}
+
+/// Parses a memory size such as `512M`, `2G`, `1536MiB` or `64` (MiB) into MiB.
+/// Sizes that are not a whole number of MiB (e.g. `1500K`) are refused.
+pub fn parse_memory_mib(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadMemorySize(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let kib = match unit.as_str() {
+        "" | "m" | "mb" | "mib" => n.checked_mul(1024),
+        "g" | "gb" | "gib" => n.checked_mul(1024 * 1024),
+        "t" | "tb" | "tib" => n.checked_mul(1024 * 1024 * 1024),
+        "k" | "kb" | "kib" => Some(n),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if kib % 1024 != 0 {
+        return Err(bad());
+    }
+    let mib = kib / 1024;
+    check_memory(mib)?;
+    Ok(mib)
+}
+
+/// Parses a duration such as `30s`, `2m`, `500ms`, `1h` or `10` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::BadDuration(s.to_string());
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("2G"), Ok(2048));
+        assert_eq!(parse_memory_mib("1536M"), Ok(1536));
+        assert_eq!(parse_memory_mib("64"), Ok(64));
+        assert_eq!(parse_memory_mib("5GiB"), Ok(5120));
+        assert_eq!(parse_memory_mib("65536k"), Ok(64));
+        assert!(matches!(
+            parse_memory_mib("1500k"),
+            Err(ConfigError::BadMemorySize(_))
+        ));
+        assert!(matches!(
+            parse_memory_mib("lots"),
+            Err(ConfigError::BadMemorySize(_))
+        ));
+        assert!(matches!(
+            parse_memory_mib("-5M"),
+            Err(ConfigError::BadMemorySize(_))
+        ));
+        assert!(matches!(
+            parse_memory_mib("99999999999999999999G"),
+            Err(ConfigError::BadMemorySize(_))
+        ));
+        assert!(matches!(
+            parse_memory_mib("16M"),
+            Err(ConfigError::MemoryOutOfRange {
+                which: "too small",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_memory_mib("2T"),
+            Err(ConfigError::MemoryOutOfRange {
+                which: "too large",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn validate_vcpus() {
+        let mut c = VmConfig::new("k");
+        c.vcpus = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::VcpusOutOfRange { given: 0, .. })
+        ));
+        c.vcpus = 255;
+        assert!(c.validate().is_err());
+        c.vcpus = 4;
+        assert!(c.validate().is_ok());
+    }
+}

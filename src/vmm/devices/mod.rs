@@ -1,0 +1,103 @@
+//! Port-I/O devices and the bus that routes a vCPU's IN/OUT exits to them.
+//!
+//! The interrupt controllers (PIC, IOAPIC, LAPIC) and the PIT live inside KVM
+//! (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2) and never reach us. What does reach us:
+//!
+//! | ports       | device                                        |
+//! |-------------|-----------------------------------------------|
+//! | 0x3f8-0x3ff | COM1, a 16550 UART (vm-superio), IRQ 4        |
+//! | 0x60, 0x64  | i8042 keyboard controller: only its reset line|
+//! | 0x70, 0x71  | CMOS RAM and real-time clock (host UTC time)  |
+//! | 0xf4-0xf7   | isa-debug-exit, as QEMU's                     |
+//! | 0x600-0x607 | ACPI PM1a and sleep registers: S5 powers off  |
+//! | anything else | reads all-ones, writes dropped (debug log)  |
+
+pub mod acpi_pm;
+pub mod cmos;
+pub mod debug_exit;
+pub mod i8042;
+pub mod serial;
+
+use std::sync::Mutex;
+
+pub use serial::{Console, ConsoleStats};
+
+/// A request from a device to end the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// isa-debug-exit was written this value.
+    DebugExit(u32),
+    /// The guest pulsed the reset line (i8042 command 0xfe).
+    Reset,
+    /// The guest entered ACPI S5 (soft off) through the FADT's registers.
+    Poweroff,
+}
+
+/// COM1's base port (the PC's standard first serial port).
+pub const COM1_BASE: u16 = 0x3f8;
+/// COM1's interrupt line on the ISA bus (and IOAPIC pin).
+pub const COM1_IRQ: u32 = 4;
+
+/// All port-I/O devices of one VM, shared by its vCPU threads.
+pub struct Devices {
+    /// COM1. A mutex because any vCPU may touch it and the stdin thread feeds it.
+    pub serial: Mutex<serial::Com1>,
+    /// CMOS RAM and clock.
+    pub cmos: Mutex<cmos::Cmos>,
+    /// ACPI power management registers (power-off).
+    pub acpi_pm: acpi_pm::AcpiPm,
+}
+
+impl Devices {
+    /// Handles an IN from `port`, filling `data` (1, 2 or 4 bytes).
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            COM1_BASE..=0x3ff => {
+                let v = lock(&self.serial).read((port - COM1_BASE) as u8);
+                data.fill(0);
+                data[0] = v;
+            }
+            i8042::DATA_PORT | i8042::COMMAND_PORT => i8042::read(port, data),
+            cmos::INDEX_PORT | cmos::DATA_PORT => lock(&self.cmos).read(port, data),
+            acpi_pm::PORT..=acpi_pm::PORT_END => self.acpi_pm.read(port, data),
+            _ => {
+                log::debug!("unhandled port read {port:#x} ({} bytes)", data.len());
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// Handles an OUT of `data` to `port`; returns an event if the write ends the VM.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<DeviceEvent> {
+        match port {
+            COM1_BASE..=0x3ff => {
+                let mut com1 = lock(&self.serial);
+                // A `rep outsb` arrives as several bytes at once: each is one write.
+                for b in data {
+                    if let Err(e) = com1.write((port - COM1_BASE) as u8, *b) {
+                        log::warn!("serial console: {e:?}");
+                    }
+                }
+                None
+            }
+            i8042::DATA_PORT | i8042::COMMAND_PORT => i8042::write(port, data),
+            debug_exit::PORT..=debug_exit::PORT_END => debug_exit::write(data),
+            cmos::INDEX_PORT | cmos::DATA_PORT => {
+                lock(&self.cmos).write(port, data);
+                None
+            }
+            acpi_pm::PORT..=acpi_pm::PORT_END => self.acpi_pm.write(port, data),
+            0x80 => None, // POST code / io_delay port: written constantly, means nothing.
+            _ => {
+                log::debug!("unhandled port write {port:#x} {data:02x?}");
+                None
+            }
+        }
+    }
+}
+
+/// Locks a device, even if another vCPU thread panicked while holding it: device
+/// state stays usable and a panic elsewhere is reported on its own.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
