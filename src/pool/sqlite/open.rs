@@ -11,6 +11,9 @@ use crate::pool::PoolError;
 /// PRAGMA application_id of a minivmm pool: "MVMM" in ASCII, so `file` and we can tell it.
 const APP_ID: i64 = 0x4d56_4d4d;
 
+/// How long a claim waits for another process's write before giving up; claims are short.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Schema migrations; entry i brings user_version i to i + 1.
 const MIGRATIONS: &[&str] = &[
     // v1: hosts (with usage and usable capacity denormalised, so a claim is checked and
@@ -66,6 +69,55 @@ fn classify(path: &Path, e: rusqlite::Error) -> PoolError {
     }
 }
 
+/// What a file says about itself: header fields and whether it holds any schema.
+struct Identity {
+    /// PRAGMA application_id (0 in a fresh file).
+    app_id: i64,
+    /// PRAGMA user_version: the schema version our migrations reached.
+    version: i64,
+    /// Number of schema objects (tables, indexes) in the file.
+    objects: i64,
+}
+
+impl Identity {
+    /// Reads the facts; call inside a transaction so they come from one snapshot.
+    fn read(conn: &Connection) -> rusqlite::Result<Identity> {
+        let pragma = |name: &str| conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0));
+        Ok(Identity {
+            app_id: pragma("application_id")?,
+            version: pragma("user_version")?,
+            objects: conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?,
+        })
+    }
+
+    /// A fresh empty file or a pool this minivmm can migrate passes; anything else is named.
+    fn check(&self, path: &Path) -> Result<(), PoolError> {
+        let not_pool = |reason: String| PoolError::NotAPool {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.app_id == 0 && self.objects > 0 {
+            return Err(not_pool(
+                "it is an SQLite database of another program".into(),
+            ));
+        }
+        if self.app_id != 0 && self.app_id != APP_ID {
+            return Err(not_pool(format!(
+                "it is an SQLite database of another program (application_id {:#x})",
+                self.app_id
+            )));
+        }
+        if self.version > MIGRATIONS.len() as i64 {
+            return Err(PoolError::TooNew {
+                path: path.to_path_buf(),
+                found: self.version,
+                supported: MIGRATIONS.len() as i64,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl SqliteStore {
     /// Opens the pool file at `path`, creating it (and its directory) if absent, and
     /// migrates its schema; refuses files that are not minivmm pools.
@@ -84,7 +136,7 @@ impl SqliteStore {
         }
         let conn = Connection::open(path).map_err(|e| classify(path, e))?;
         // Waiting writers queue on the lock instead of failing: claims are short.
-        conn.busy_timeout(Duration::from_secs(30))
+        conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| classify(path, e))?;
         let mut store = SqliteStore {
             conn,
@@ -107,59 +159,66 @@ impl SqliteStore {
     }
 
     /// Refuses a file that some other program wrote, or a newer minivmm.
+    ///
+    /// The facts are read in one read transaction: read one by one, a process creating
+    /// the pool at the same moment could commit between them, and an empty header with
+    /// tables behind it would look like another program's database.
     fn check_identity(&self) -> Result<(), PoolError> {
-        let not_pool = |reason: String| PoolError::NotAPool {
-            path: self.path.clone(),
-            reason,
-        };
-        let read = |pragma: &str| -> Result<i64, PoolError> {
-            self.conn
-                .pragma_query_value(None, pragma, |r| r.get(0))
-                .map_err(|e| classify(&self.path, e))
-        };
-        let app_id = read("application_id")?;
-        let version = read("user_version")?;
-        if app_id == 0 {
-            let tables: i64 = self
-                .conn
-                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
-                .map_err(|e| classify(&self.path, e))?;
-            if tables > 0 {
-                return Err(not_pool(
-                    "it is an SQLite database of another program".into(),
-                ));
-            }
-        } else if app_id != APP_ID {
-            return Err(not_pool(format!(
-                "it is an SQLite database of another program (application_id {app_id:#x})"
-            )));
-        }
-        if version > MIGRATIONS.len() as i64 {
-            return Err(PoolError::TooNew {
-                path: self.path.clone(),
-                found: version,
-                supported: MIGRATIONS.len() as i64,
-            });
-        }
-        Ok(())
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| classify(&self.path, e))?;
+        let facts = Identity::read(&tx).map_err(|e| classify(&self.path, e))?;
+        drop(tx);
+        facts.check(&self.path)
     }
 
     /// WAL lets readers (`pool list`) run during claims; FULL makes commits durable.
     fn configure(&self) -> Result<(), PoolError> {
         let mode: String = self
             .conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            log::warn!(
-                "pool {}: journal mode is {mode}, not WAL",
-                self.path.display()
-            );
+            self.enter_wal()?;
         }
         self.conn.pragma_update(None, "synchronous", "FULL")?;
         self.conn.pragma_update(None, "foreign_keys", "ON")?;
         // 32 MiB of page cache: a 100,000-host pool's hot pages stay in memory.
         self.conn.pragma_update(None, "cache_size", -32768)?;
         Ok(())
+    }
+
+    /// Switches a new pool file to WAL (a persistent property of the file).
+    ///
+    /// The switch needs the file to itself, and SQLite answers SQLITE_BUSY at once rather
+    /// than through the busy handler when another connection is using it, which happens
+    /// when many processes open a new pool together. So retry, for as long as the busy
+    /// timeout would have waited.
+    fn enter_wal(&self) -> Result<(), PoolError> {
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match self
+                .conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+            {
+                Ok(mode) => {
+                    if !mode.eq_ignore_ascii_case("wal") {
+                        log::warn!(
+                            "pool {}: journal mode is {mode}, not WAL",
+                            self.path.display()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e)
+                    if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Brings the schema to the latest version, in one transaction, and checks the meta
@@ -174,7 +233,9 @@ impl SqliteStore {
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             // Read again under the lock: another process may have migrated meanwhile.
-            let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let facts = Identity::read(&tx)?;
+            facts.check(&self.path)?;
+            let version = facts.version;
             for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
                 log::info!("pool: migrating schema to version {}", i + 1);
                 tx.execute_batch(sql)?;
