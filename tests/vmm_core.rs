@@ -222,7 +222,17 @@ fn sigterm_stops_cleanly() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Signal only once a vCPU thread exists: by then minivmm has blocked SIGTERM for
+    // its sigwait thread, so the default action (death) can no longer apply.
+    let tasks = format!("/proc/{}/task", child.id());
+    let t0 = std::time::Instant::now();
+    while std::fs::read_dir(&tasks).map_or(0, |d| d.count()) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "vCPUs never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     unsafe { libc_kill(child.id() as i32, 15) };
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(143));
