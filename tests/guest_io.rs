@@ -32,6 +32,30 @@ fn irq_pit_tick_and_serial_rx_interrupt_arrive() {
     }
 }
 
+/// --no-pit really leaves the timer out: the irq guest's PIT tick never comes (it waits
+/// halted until the timeout), while a guest that needs no timer runs as before.
+#[test]
+fn no_pit_leaves_the_timer_out() {
+    if !common::kvm_or_skip("no_pit_leaves_the_timer_out") {
+        return;
+    }
+    let r = run_with("irq.elf", "", 1, "64M", "2s", Input::None, &["--no-pit"]);
+    r.assert_end("timeout", 124);
+    assert!(!r.console.contains("pit ok"), "{}", r.ctx());
+    for kernel in both("hello") {
+        let r = run_with(
+            &kernel,
+            "exit=5",
+            2,
+            "64M",
+            "10s",
+            Input::None,
+            &["--no-pit"],
+        );
+        r.assert_end("debug-exit", 11);
+    }
+}
+
 #[test]
 fn echo_returns_stdin_until_the_terminator() {
     if !common::kvm_or_skip("echo_returns_stdin_until_the_terminator") {

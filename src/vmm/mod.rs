@@ -256,7 +256,7 @@ impl Vm {
         }
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         register_memory(&vm, &mem)?;
-        create_interrupt_controllers(&vm)?;
+        create_interrupt_controllers(&vm, config.pit)?;
 
         let os = |what| move |source| VmError::Os { what, source };
         let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
@@ -480,12 +480,15 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 
 /// The PC's interrupt controllers and timer, inside KVM: the TSS page VT-x needs for
 /// real mode (KVM_SET_TSS_ADDR), the 8259 PICs, IOAPIC and per-vCPU LAPICs
-/// (KVM_CREATE_IRQCHIP), and the 8254 PIT (KVM_CREATE_PIT2) whose speaker port we
-/// leave to KVM's dummy.
-fn create_interrupt_controllers(vm: &VmFd) -> Result<(), VmError> {
+/// (KVM_CREATE_IRQCHIP), and, if asked for, the 8254 PIT (KVM_CREATE_PIT2) whose
+/// speaker port we leave to KVM's dummy.
+fn create_interrupt_controllers(vm: &VmFd, pit: bool) -> Result<(), VmError> {
     vm.set_tss_address(TSS_ADDR)
         .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    if !pit {
+        return Ok(());
+    }
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()

@@ -89,6 +89,19 @@ pub fn run(
     timeout: &str,
     input: Input,
 ) -> Run {
+    run_with(kernel, cmdline, vcpus, memory, timeout, input, &[])
+}
+
+/// [`run`] with more `minivmm run` flags.
+pub fn run_with(
+    kernel: &str,
+    cmdline: &str,
+    vcpus: u32,
+    memory: &str,
+    timeout: &str,
+    input: Input,
+    extra: &[&str],
+) -> Run {
     let what = format!("{kernel} cmdline {cmdline:?} vcpus {vcpus} memory {memory}");
     // Unique per run: tests of one binary run side by side.
     static N: AtomicU32 = AtomicU32::new(0);
@@ -109,6 +122,7 @@ pub fn run(
         .arg("--serial-out")
         .arg(&console)
         .arg("--json")
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(match input {
