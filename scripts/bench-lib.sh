@@ -55,6 +55,8 @@ qemu_base=(-enable-kvm -cpu host,-arch-capabilities -nographic -no-reboot -nodef
     -device isa-debug-exit,iobase=0xf4,iosize=0x04)
 # shellcheck disable=SC2034,SC2054
 qemu_microvm=(-M microvm,x-option-roms=off,rtc=off)
+# shellcheck disable=SC2034,SC2054
+qemu_microvm_nopit=(-M microvm,x-option-roms=off,rtc=off,pit=off)
 # shellcheck disable=SC2034
 qemu_pc=(-M pc)
 

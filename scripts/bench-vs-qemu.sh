@@ -9,6 +9,8 @@
 #           isa-debug-exit (status 1 in both VMMs). minivmm vs QEMU -M microvm
 #           (--runs each, default 10) and vs QEMU's default -M pc (--pc-runs
 #           each, default 3: its firmware runs emulated here, ~9 s a boot).
+#   no-pit  hello again with no in-kernel PIT on either side: minivmm --no-pit vs
+#           QEMU -M microvm,...,pit=off (--runs each).
 #   linux   the minimal Linux (scripts/build-linux.sh, PVH ELF vmlinux), 2 vCPUs,
 #           256M, until its "Processors:" line appears on the serial console;
 #           then the VMM is killed. minivmm vs QEMU -M microvm (--linux-runs
@@ -65,7 +67,9 @@ run_hello() {
     rm -f "$out"
     case "$vmm" in
         minivmm) line="$("$BENCH_RUN" --timeout 60 -- "$MINIVMM" run --no-ledger --kernel "$hello" --serial-out "$out")" ;;
+        minivmm-nopit) line="$("$BENCH_RUN" --timeout 60 -- "$MINIVMM" run --no-ledger --no-pit --kernel "$hello" --serial-out "$out")" ;;
         microvm) line="$("$BENCH_RUN" --timeout 60 -- "$QEMU" "${qemu_base[@]}" "${qemu_microvm[@]}" -m 128M -smp 1 -serial "file:$out" -kernel "$hello")" ;;
+        microvm-nopit) line="$("$BENCH_RUN" --timeout 60 -- "$QEMU" "${qemu_base[@]}" "${qemu_microvm_nopit[@]}" -m 128M -smp 1 -serial "file:$out" -kernel "$hello")" ;;
         pc) line="$("$BENCH_RUN" --timeout 120 -- "$QEMU" "${qemu_base[@]}" "${qemu_pc[@]}" -m 128M -smp 1 -serial "file:$out" -kernel "$hello")" ;;
     esac
     echo "$line" >>"$work/$series.txt"
@@ -120,6 +124,17 @@ for _ in $(seq "$runs"); do
     run_hello microvm hello-microvm
 done
 add_rows hello hello-minivmm minivmm hello-microvm "qemu microvm"
+
+# The same without the in-kernel PIT on both sides (hello never uses it): the PIT's
+# kernel thread and its teardown are a large part of a tiny VM's life here.
+log "hello without a PIT: minivmm --no-pit vs QEMU microvm,pit=off, $runs runs each, alternating"
+: >"$work/nopit-minivmm.txt"
+: >"$work/nopit-microvm.txt"
+for _ in $(seq "$runs"); do
+    run_hello minivmm-nopit nopit-minivmm
+    run_hello microvm-nopit nopit-microvm
+done
+add_rows no-pit nopit-minivmm "minivmm --no-pit" nopit-microvm "qemu microvm,pit=off"
 
 # Overhead on hello from minivmm's own JSON: wall_ms - run_ms is everything
 # between main() and the JSON line outside Vm::run (argument parsing, Vm::new,
