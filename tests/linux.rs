@@ -117,6 +117,9 @@ fn check(kernel: &PathBuf, g: &Guest, vcpus: u32, mem_mib: u64, extra: &[&str]) 
     want.extend(extra.iter().map(|s| s.to_string()));
     let b = boot(kernel, g, vcpus, &mem, &want, Duration::from_secs(240));
     b.assert_console_has(&want);
+    // The kernel finds nothing wrong with the machine it was given (e.g. AMD's HWCR
+    // TscFreqSel bit, whose absence Linux reports as a firmware bug).
+    assert!(!b.console.contains("[Firmware Bug]"), "{}", b.console);
     assert!(
         b.stopped_by_test || matches!(b.status, Some(122) | Some(124)),
         "{:?} {}",

@@ -204,6 +204,13 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled, default memory type write-back (6).
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
+/// AMD's hardware configuration register (AMD APM vol. 2, and the BKDG of family 10h+).
+const MSR_K7_HWCR: u32 = 0xc001_0015;
+/// HWCR bit 24, TscFreqSel: the TSC counts at the P0 frequency. Real AMD CPUs since
+/// family 10h have it set, and Linux on an AMD host prints "[Firmware Bug]: TSC doesn't
+/// count with P0 frequency!" when it reads 0. Intel CPUs ignore this MSR; KVM keeps it
+/// for every vCPU.
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 
 /// Sets up vCPU `id`: CPUID, MSRs, FPU, LAPIC, and for the boot vCPU the registers
 /// the boot protocol asks for.
@@ -222,6 +229,8 @@ pub fn configure(
     let entries = [
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
+        // Last: KVM_SET_MSRS stops at the first MSR it refuses.
+        (MSR_K7_HWCR, HWCR_TSC_FREQ_SEL),
     ]
     .map(|(index, data)| kvm_msr_entry {
         index,
