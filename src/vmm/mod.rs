@@ -255,8 +255,20 @@ impl Vm {
             });
         }
         let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-        register_memory(&vm, &mem)?;
-        create_interrupt_controllers(&vm, config.pit)?;
+        // The order is for short-lived VMs. Creating the irqchip leaves an SRCU grace
+        // period running in the host kernel (~16 ms of timer-paced steps on the hosts
+        // measured), and closing the VM fd waits for whatever of it is left. Registering
+        // memory waits for an *expedited* grace period, which also hurries the pending
+        // one along: done after the irqchip, a tiny VM's create + destroy drops from
+        // ~16 ms to ~8 ms (examples/exit_floor.rs --memory-last). With the PIT that gain
+        // is lost to the PIT's own teardown, so the cheaper order is kept there.
+        if config.pit {
+            register_memory(&vm, &mem)?;
+            create_interrupt_controllers(&vm, true)?;
+        } else {
+            create_interrupt_controllers(&vm, false)?;
+            register_memory(&vm, &mem)?;
+        }
 
         let os = |what| move |source| VmError::Os { what, source };
         let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
