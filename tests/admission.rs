@@ -177,3 +177,37 @@ fn sigkill_leaves_a_stale_claim_that_gc_releases() {
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
+
+/// CI jobs starting at once on a fresh runner: several `minivmm run` processes find no
+/// pool, all create it together, each claims, runs and releases. None may fail on the
+/// half-made file, the local host is registered once, and no claim is left.
+#[test]
+fn parallel_runs_on_a_new_pool_all_succeed() {
+    if !kvm_or_skip("parallel_runs_on_a_new_pool_all_succeed") {
+        return;
+    }
+    let d = scratch("admission_first_use");
+    let db = d.join("state").join("pool.db");
+    let hello = tiny_guest(&d, "hello", &hello_body("hi", 2, true), true);
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_minivmm"))
+                .arg("run")
+                .arg("--pool")
+                .arg(&db)
+                .arg("--kernel")
+                .arg(&hello)
+                .args(["--serial", "none", "--no-pit", "--timeout", "30s"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    }
+    assert_eq!(pool(&db, &["list"]).as_array().map(Vec::len), Some(1));
+    assert_eq!(live_allocations(&db), 0);
+}
