@@ -8,14 +8,17 @@
 //!
 //! ```text
 //! cargo run --release --example exit_floor -- [--count N] [--repeat R] [--irqchip] [--pit]
-//!                                              [--memory-last] [--split-irqchip]
+//!                                              [--memory-last] [--delete-slots] [--split-irqchip]
 //! ```
 //!
 //! `--irqchip` also creates the in-kernel irqchip (`--pit`: and the PIT), as minivmm
 //! does, so VM create and destroy times compare like with like. `--memory-last`
 //! registers guest memory after them instead of before (what minivmm does without a
 //! PIT): the memory slot's expedited SRCU grace period then also finishes the one the
-//! irqchip started, which otherwise `close()` waits for. `--split-irqchip` asks for
+//! irqchip started, which otherwise `close()` waits for — but every VM then waits for it
+//! at creation. `--delete-slots` deletes the memory slot after the run instead, just
+//! before the fds are closed (what minivmm does without a PIT): only a VM that ends
+//! before the grace period does waits, and only for what is left. `--split-irqchip` asks for
 //! KVM_CAP_SPLIT_IRQCHIP instead: LAPICs in the kernel, no PIC, IOAPIC or PIT there (a
 //! VMM then emulates those itself, as Cloud Hypervisor does); it shows what the full
 //! irqchip's set-up and teardown cost. Prints one JSON line per repeat:
@@ -89,6 +92,7 @@ struct Shape {
     irqchip: bool,
     pit: bool,
     memory_last: bool,
+    delete_slots: bool,
     split: bool,
 }
 
@@ -97,6 +101,7 @@ fn once(kvm: &Kvm, count: u32, shape: &Shape) -> Result<Run, String> {
         irqchip,
         pit,
         memory_last,
+        delete_slots,
         split,
     } = *shape;
     let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
@@ -191,6 +196,14 @@ fn once(kvm: &Kvm, count: u32, shape: &Shape) -> Result<Run, String> {
     let run = t1.elapsed();
 
     let t2 = Instant::now();
+    if delete_slots {
+        let gone = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..region
+        };
+        // SAFETY: size 0 deletes the slot; the mapping is unmapped only after this.
+        unsafe { vm.set_user_memory_region(gone) }.map_err(e("KVM_SET_USER_MEMORY_REGION"))?;
+    }
     drop(vcpu);
     drop(vm);
     let destroy = t2.elapsed();
@@ -211,6 +224,7 @@ fn main() {
     let mut pit = false;
     let mut memory_last = false;
     let mut split = false;
+    let mut delete_slots = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> u32 {
@@ -225,9 +239,10 @@ fn main() {
             "--pit" => (irqchip, pit) = (true, true),
             "--memory-last" => memory_last = true,
             "--split-irqchip" => split = true,
+            "--delete-slots" => delete_slots = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: exit_floor [--count N] [--repeat R] [--irqchip] [--pit] [--memory-last] [--split-irqchip]"
+                    "usage: exit_floor [--count N] [--repeat R] [--irqchip] [--pit] [--memory-last] [--delete-slots] [--split-irqchip]"
                 );
                 return;
             }
@@ -241,6 +256,7 @@ fn main() {
         irqchip,
         pit,
         memory_last,
+        delete_slots,
         split,
     };
     if count == 0 {
@@ -251,7 +267,7 @@ fn main() {
         let r = once(&kvm, count, &shape).unwrap_or_else(|e| fail(&e));
         let per_s = r.exits as f64 / (r.run_ms / 1e3);
         println!(
-            "{{\"count\":{count},\"irqchip\":{irqchip},\"pit\":{pit},\"memory_last\":{memory_last},\"split_irqchip\":{split},\"create_ms\":{:.3},\"run_ms\":{:.3},\"exits\":{},\"exits_per_s\":{:.0},\"ns_per_exit\":{:.0},\"destroy_ms\":{:.3}}}",
+            "{{\"count\":{count},\"irqchip\":{irqchip},\"pit\":{pit},\"memory_last\":{memory_last},\"split_irqchip\":{split},\"delete_slots\":{delete_slots},\"create_ms\":{:.3},\"run_ms\":{:.3},\"exits\":{},\"exits_per_s\":{:.0},\"ns_per_exit\":{:.0},\"destroy_ms\":{:.3}}}",
             r.create_ms,
             r.run_ms,
             r.exits,
