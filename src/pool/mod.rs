@@ -2,7 +2,8 @@
 //!
 //! A [`Ledger`] is one open pool file. `minivmm run` uses [`Ledger::claim_local`] for
 //! admission; the `pool` commands use the rest; the scheduler claims through
-//! [`Ledger::claim`]. Storage sits behind the [`Store`] trait (SQLite by default).
+//! [`Store::claim`], in the same transaction as its choice. Storage sits behind the
+//! [`Store`] trait (SQLite by default).
 
 pub mod cli;
 mod local;

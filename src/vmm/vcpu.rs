@@ -159,7 +159,7 @@ const LEAF1_EDX_HTT: u32 = 1 << 28;
 const EXT1_ECX_CMP_LEGACY: u32 = 1 << 1;
 
 /// Patches the host's supported CPUID for vCPU `id` of `count`: its APIC ID (leaf 1
-/// EBX[31:24], leaves 0xb/0x1f EDX, AMD 0x8000001e), and a topology of one socket
+/// EBX\[31:24\], leaves 0xb/0x1f EDX, AMD 0x8000001e), and a topology of one socket
 /// with `count` single-threaded cores, so the guest's view matches the MP table.
 pub fn patch_cpuid(cpuid: &mut CpuId, id: u32, count: u32) {
     let core_bits = 32 - (count.max(1) - 1).leading_zeros();

@@ -123,7 +123,7 @@ impl Placer {
 }
 
 /// Builds every table for a VM with `vcpus` vCPUs, RSDP first, each with the
-/// address it is meant for. [`write`] puts them in guest memory; tests dump them.
+/// address it is meant for. [`write()`] puts them in guest memory; tests dump them.
 pub fn build(vcpus: u32) -> Result<Vec<Table>, AcpiError> {
     let dsdt = dsdt();
     let facs = to_bytes(&FACS::new());
