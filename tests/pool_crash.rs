@@ -99,12 +99,6 @@ fn kill_9_in_a_loop_during_claims() {
         "only {} claims completed",
         reported.len()
     );
-    // The delays span a claim's whole life: some children must have got theirs.
-    assert!(
-        reported.len() >= 5,
-        "only {} claims completed",
-        reported.len()
-    );
     let churned = churn.join().expect("churn thread");
     assert!(churned > 0);
 
