@@ -208,8 +208,9 @@ const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 const MSR_K7_HWCR: u32 = 0xc001_0015;
 /// HWCR bit 24, TscFreqSel: the TSC counts at the P0 frequency. Real AMD CPUs since
 /// family 10h have it set, and Linux on an AMD host prints "[Firmware Bug]: TSC doesn't
-/// count with P0 frequency!" when it reads 0. Intel CPUs ignore this MSR; KVM keeps it
-/// for every vCPU.
+/// count with P0 frequency!" when it reads 0. Intel guests never read it. Recent KVMs
+/// accept the bit from userspace; older ones refuse the write, which only costs the
+/// warning, hence it comes last in the list below.
 const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 
 /// Sets up vCPU `id`: CPUID, MSRs, FPU, LAPIC, and for the boot vCPU the registers
