@@ -13,10 +13,10 @@
 //!
 //! `--irqchip` also creates the in-kernel irqchip (`--pit`: and the PIT), as minivmm
 //! does, so VM create and destroy times compare like with like. `--memory-last`
-//! registers guest memory after them instead of before (what minivmm does without a
-//! PIT): the memory slot's expedited SRCU grace period then also finishes the one the
-//! irqchip started, which otherwise `close()` waits for — but every VM then waits for it
-//! at creation. `--delete-slots` deletes the memory slot after the run instead, just
+//! registers guest memory after them instead of before (tried in minivmm, then
+//! replaced): the memory slot's expedited SRCU grace period then also finishes the one
+//! the irqchip started, which otherwise `close()` waits for — but every VM then waits
+//! for it at creation. `--delete-slots` deletes the memory slot after the run instead, just
 //! before the fds are closed (what minivmm does without a PIT): only a VM that ends
 //! before the grace period does waits, and only for what is left. `--split-irqchip` asks for
 //! KVM_CAP_SPLIT_IRQCHIP instead: LAPICs in the kernel, no PIC, IOAPIC or PIT there (a
