@@ -24,7 +24,7 @@ fn claim_release(c: &mut Criterion) {
         })
     });
     g.bench_function("claim_local+drop", |b| {
-        b.iter(|| drop(ledger.claim_local("vm", 1, 512).expect("claim")))
+        b.iter(|| drop(ledger.claim_local("vm", 1, 512, 0).expect("claim")))
     });
     g.finish();
     let _ = std::fs::remove_dir_all(&dir);

@@ -18,7 +18,9 @@ fn pool(db: &Path, args: &[&str]) -> serde_json::Value {
         .output()
         .unwrap();
     assert!(o.status.success(), "pool {args:?}: {}", stderr(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
+    let text = stdout(&o);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("pool {args:?} printed no JSON ({e}): {text:?}"))
 }
 
 fn run(db: &Path, kernel: &Path, extra: &[&str]) -> std::process::Output {
@@ -90,10 +92,10 @@ fn spawn_holder(db: &Path, spin: &Path) -> std::process::Child {
 }
 
 fn live_allocations(db: &Path) -> usize {
-    pool(db, &["allocations"])
-        .as_array()
-        .map(Vec::len)
-        .unwrap_or(0)
+    let all = pool(db, &["allocations"]);
+    all.as_array()
+        .unwrap_or_else(|| panic!("pool allocations printed no list: {all}"))
+        .len()
 }
 
 #[test]

@@ -320,18 +320,29 @@ fn sigkilled_holder_is_released_by_next_claim_and_gc() {
     a.kill().expect("kill -9");
     a.wait().expect("reap");
     // The next claim finds the holder gone and takes its place.
-    ok(
+    let next = ok(
         &pool,
         &[
             "pool", "claim", "h", "--vcpus", "4", "--memory", "64", "--name", "next",
         ],
     );
+    // "allocation 2 on h"
+    let id = next
+        .strip_prefix("allocation ")
+        .and_then(|r| r.split(' ').next())
+        .filter(|id| id.parse::<i64>().is_ok())
+        .unwrap_or_else(|| panic!("claim printed {next:?}"));
     let allocs = ok(&pool, &["pool", "allocations"]);
     assert!(
         allocs.contains("next") && !allocs.contains("pid "),
         "{allocs}"
     );
-    ok(&pool, &["pool", "release", "2"]);
+    let out = ok(&pool, &["pool", "release", id]);
+    assert!(
+        out.contains("next"),
+        "release {id} freed another VM's claim: {out}"
+    );
+    assert_eq!(ok(&pool, &["pool", "--json", "allocations"]).trim(), "[]");
 
     let mut b = hold(&pool, "h", "2");
     let mut c = hold(&pool, "h", "2");
@@ -397,7 +408,7 @@ fn claim_local_names_the_missing_resource_and_releases_on_drop() {
     fn is_send<T: Send>(_: &T) {}
     let s = Scratch::new("local");
     let ledger = Ledger::open(Some(&s.pool())).expect("open");
-    let claim = ledger.claim_local("guest", 1, 16).expect("claim");
+    let claim = ledger.claim_local("guest", 1, 16, 0).expect("claim");
     is_send(&claim);
     let host = owner::hostname().expect("hostname");
     let allocs = ledger.store().allocations().expect("allocs");
@@ -409,7 +420,7 @@ fn claim_local_names_the_missing_resource_and_releases_on_drop() {
         .host(&host)
         .expect("host")
         .usable(Resource::MemoryMib);
-    match ledger.claim_local("huge", 1, usable_mem + 1) {
+    match ledger.claim_local("huge", 1, usable_mem + 1, 0) {
         Err(e @ PoolError::Insufficient { .. }) => {
             let msg = e.to_string();
             assert!(msg.contains("lacks memory"), "{msg}");
@@ -426,7 +437,7 @@ fn claim_local_names_the_missing_resource_and_releases_on_drop() {
     }
     drop(claim);
     assert!(ledger.store().allocations().expect("allocs").is_empty());
-    let explicit = ledger.claim_local("guest2", 1, 16).expect("claim");
+    let explicit = ledger.claim_local("guest2", 1, 16, 0).expect("claim");
     explicit.release().expect("release");
     assert!(ledger.store().allocations().expect("allocs").is_empty());
     // A second open of the same pool does not register the host twice.
@@ -476,7 +487,9 @@ fn first_use_from_many_threads_registers_the_local_host_once() {
                 barrier.wait();
                 // Every thread opens the not-yet-existing pool and claims at once.
                 let ledger = Ledger::open(Some(&path)).expect("open");
-                let claim = ledger.claim_local(&format!("vm{i}"), 1, 16).expect("claim");
+                let claim = ledger
+                    .claim_local(&format!("vm{i}"), 1, 16, 0)
+                    .expect("claim");
                 claim.id()
             })
         })

@@ -262,20 +262,29 @@ fn apply_limit(spec: &mut HostSpec, text: &str) -> Result<(), PoolError> {
     Ok(())
 }
 
-/// Runs one `pool` command; returns the exit status.
+/// Runs one `pool` command; returns the exit status. A command that fails on a pool it
+/// created leaves no file behind.
 pub fn run(args: PoolArgs) -> Result<i32, PoolError> {
     let ledger = args.location.open()?;
-    let json = args.location.json;
-    match args.command {
+    let result = execute(&ledger, args.command, args.location.json);
+    if result.is_err() {
+        ledger.discard_if_unused();
+    }
+    result
+}
+
+/// Runs one `pool` command on an open ledger.
+fn execute(ledger: &Ledger, command: PoolCommand, json: bool) -> Result<i32, PoolError> {
+    match command {
         PoolCommand::Init => {
             let (host, added) = ledger.init_local()?;
             if json {
                 print_json(&json!({"added": added, "host": host}));
             } else if added {
-                println!("registered this machine as host {}", host.spec.name);
-                print!("{}", hosts_table(&[host]));
+                crate::outln!("registered this machine as host {}", host.spec.name);
+                crate::out!("{}", hosts_table(&[host]));
             } else {
-                println!("this machine is already host {}", host.spec.name);
+                crate::outln!("this machine is already host {}", host.spec.name);
             }
         }
         PoolCommand::AddHost(a) => {
@@ -295,7 +304,7 @@ pub fn run(args: PoolArgs) -> Result<i32, PoolError> {
             if json {
                 print_json(&json!({"removed": name, "released_allocations": dropped}));
             } else {
-                println!("removed host {name} ({dropped} allocation(s) released)");
+                crate::outln!("removed host {name} ({dropped} allocation(s) released)");
             }
         }
         PoolCommand::List => {
@@ -303,25 +312,25 @@ pub fn run(args: PoolArgs) -> Result<i32, PoolError> {
             if json {
                 print_json(&json!(hosts));
             } else {
-                print!("{}", hosts_table(&hosts));
+                crate::out!("{}", hosts_table(&hosts));
             }
         }
-        PoolCommand::Status => status(&ledger, json)?,
+        PoolCommand::Status => status(ledger, json)?,
         PoolCommand::Allocations => {
             let allocs = ledger.store().allocations()?;
             if json {
                 print_json(&json!(allocs));
             } else {
-                print!("{}", allocations_table(&allocs));
+                crate::out!("{}", allocations_table(&allocs));
             }
         }
-        PoolCommand::Claim(c) => return claim(&ledger, &c, json),
+        PoolCommand::Claim(c) => return claim(ledger, &c, json),
         PoolCommand::Release { id } => {
             let a = ledger.release(id)?;
             if json {
                 print_json(&json!({"released": a}));
             } else {
-                println!("released allocation {id} of VM {} on {}", a.vm_name, a.host);
+                crate::outln!("released allocation {id} of VM {} on {}", a.vm_name, a.host);
             }
         }
         PoolCommand::Gc => {
@@ -329,9 +338,9 @@ pub fn run(args: PoolArgs) -> Result<i32, PoolError> {
             if json {
                 print_json(&json!({"released": released}));
             } else {
-                println!("released {} stale allocation(s)", released.len());
+                crate::outln!("released {} stale allocation(s)", released.len());
                 if !released.is_empty() {
-                    print!("{}", allocations_table(&released));
+                    crate::out!("{}", allocations_table(&released));
                 }
             }
         }
@@ -383,16 +392,23 @@ fn claim(ledger: &Ledger, c: &ClaimArgs, json: bool) -> Result<i32, PoolError> {
     if json {
         print_json(&json!(a));
     } else {
-        println!("allocation {} on {}", a.id, a.host);
+        crate::outln!("allocation {} on {}", a.id, a.host);
     }
     if c.hold {
-        use std::io::Write;
-        // Tests and scripts wait for this line, then kill us: the claim goes stale.
-        let _ = std::io::stdout().flush();
+        // Tests and scripts wait for that line (printed and flushed), then kill us: the
+        // claim goes stale. With nobody reading, the claim is still held until killed.
+        crate::output::report_lost(format_args!(
+            "allocation {} on {} is held by this process until it is killed",
+            a.id, a.host
+        ));
         loop {
             std::thread::park();
         }
     }
+    crate::output::report_lost(format_args!(
+        "allocation {} on {} was claimed and stays claimed: `minivmm pool release {}` frees it",
+        a.id, a.host, a.id
+    ));
     Ok(0)
 }
 
@@ -401,14 +417,14 @@ fn show_host(json: bool, verb: &str, host: Host) {
     if json {
         print_json(&json!(host));
     } else {
-        println!("{verb} host {}", host.spec.name);
-        print!("{}", hosts_table(&[host]));
+        crate::outln!("{verb} host {}", host.spec.name);
+        crate::out!("{}", hosts_table(&[host]));
     }
 }
 
-/// Prints a JSON value on one line.
+/// Prints a JSON value on one line (through [`crate::output`]: never panics).
 pub fn print_json(v: &serde_json::Value) {
-    println!("{v}");
+    crate::outln!("{v}");
 }
 
 /// "used/usable" of one resource, with the inventory's total, reserved and ratio.
@@ -534,8 +550,8 @@ fn status(ledger: &Ledger, json: bool) -> Result<(), PoolError> {
     if json {
         print_json(&json!(out));
     } else {
-        print!("{}", t.render());
-        println!(
+        crate::out!("{}", t.render());
+        crate::outln!(
             "M = R·T/C: free amount × hours available per day ÷ cost per hour (the seeds' management index)"
         );
     }

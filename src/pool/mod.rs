@@ -14,12 +14,13 @@ pub mod store;
 pub mod table;
 pub mod units;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use model::{Allocation, Amounts, Host, HostSpec, Inventory, Owner, Resource};
 pub use sqlite::SqliteStore;
-pub use store::{ClaimRequest, Committed, Delta, Store};
+pub use store::{ClaimRequest, Committed, Delta, Released, Store};
 
 /// Everything that can go wrong in the ledger.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +119,42 @@ pub enum PoolError {
     /// Someone else changed the host between read and write; try again.
     #[error("host {0} was changed by someone else meanwhile; try again")]
     Conflict(String),
+    /// The allocation a process holds is no longer in the pool as it claimed it: the
+    /// pool lost writes (its -wal or -shm file was deleted under a running VM) or was
+    /// edited behind its back. Nothing was released.
+    #[error(
+        "pool {pool}: allocation {id} of {claimed} {now}{cause}; nothing was released. \
+         What it held may have been given to other VMs meanwhile: check `minivmm pool status` \
+         and `minivmm pool allocations`",
+        id = claimed.id,
+        claimed = claimed.describe()
+    )]
+    ClaimLost {
+        /// The pool file.
+        pool: PathBuf,
+        /// The allocation as it was claimed.
+        claimed: Box<Allocation>,
+        /// What the pool holds under its id now ("is no longer in the pool", ...).
+        now: String,
+        /// Why, when known ("; the pool's -wal file was ..."), or empty.
+        cause: String,
+    },
+    /// A directory on the pool's path is a file, so the pool cannot be created there.
+    #[error("cannot create pool {path}: {parent} is not a directory")]
+    ParentNotDirectory {
+        /// The pool file asked for.
+        path: PathBuf,
+        /// The first ancestor that exists and is not a directory.
+        parent: PathBuf,
+    },
+    /// The pool's directory could not be created.
+    #[error("cannot create the pool's directory {dir}: {source}")]
+    CreateDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// The default pool file: $MINIVMM_POOL, else $XDG_STATE_HOME/minivmm/pool.db, else
@@ -136,6 +173,15 @@ pub fn default_path() -> Result<PathBuf, PoolError> {
     Ok(state.join("minivmm/pool.db"))
 }
 
+/// Makes every wait of this process for another process's lock on a pool give up at
+/// once, and every later one at its first look: the operation fails with SQLite's
+/// "database is locked". For a process told to stop (`minivmm run` calls it from its
+/// signal thread): admission must not hold a stop back for the 30 s a claim may wait.
+/// There is no undoing it.
+pub fn interrupt_waits() {
+    sqlite::interrupt_waits();
+}
+
 /// One open pool. Cheap to clone and share between threads: the store (one database
 /// connection) sits behind a mutex.
 #[derive(Clone)]
@@ -145,12 +191,18 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Opens (creating if absent) the pool at `path` or the default path.
+    /// Opens (creating if absent) the pool at `path` or the default path. A relative
+    /// path is taken from the current directory, once, here: messages then name the
+    /// file in full and `init` measures the right file system.
     pub fn open(path: Option<&Path>) -> Result<Ledger, PoolError> {
         let path = match path {
             Some(p) => p.to_path_buf(),
             None => default_path()?,
         };
+        let path = std::path::absolute(&path).map_err(|source| PoolError::Io {
+            what: format!("the current directory, to find pool {:?}", path.display()),
+            source,
+        })?;
         let store = SqliteStore::open(&path)?;
         Ok(Ledger::with_store(Box::new(store), path))
     }
@@ -186,7 +238,12 @@ impl Ledger {
             Err(PoolError::UnknownHost(_)) => {}
             Err(e) => return Err(e),
         }
-        let dir = self.path.parent().unwrap_or(Path::new("."));
+        // The parent of a bare "p.db" is "", which statvfs cannot find: that is ".".
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let spec = local::local_host_spec(dir)?;
         match store.add_hosts(std::slice::from_ref(&spec)) {
             // Another process registered it between our look and our write: fine.
@@ -250,7 +307,7 @@ impl Ledger {
             .unwrap_or_else(|| Err(PoolError::Local("the claim returned no result".into())))
     }
 
-    /// Claims vcpus and memory on the local host (registering it with its real capacity,
+    /// Claims vcpus, memory and disk on the local host (registering it with its real capacity,
     /// like `pool init`, if the pool has no local host yet). Error message names the
     /// resource, what is asked and what is free.
     pub fn claim_local(
@@ -258,13 +315,14 @@ impl Ledger {
         vm_name: &str,
         vcpus: u32,
         memory_mib: u64,
+        disk_gib: u64,
     ) -> Result<Claim, PoolError> {
         let (host, _) = self.init_local()?;
         let owner = owner::current()?;
-        let amounts = Amounts::new(vcpus.into(), memory_mib, 0);
+        let amounts = Amounts::new(vcpus.into(), memory_mib, disk_gib);
         let a = self.claim_on(&host.spec.name, vm_name, amounts, Some(owner))?;
         log::info!(
-            "pool: claimed {} vcpus, {} MiB on {} for {vm_name} (allocation {})",
+            "pool: claimed {} vcpus, {} MiB, {disk_gib} GiB disk on {} for {vm_name} (allocation {})",
             vcpus,
             memory_mib,
             a.host,
@@ -272,7 +330,7 @@ impl Ledger {
         );
         Ok(Claim {
             ledger: self.clone(),
-            id: a.id,
+            allocation: a,
             released: false,
         })
     }
@@ -282,36 +340,80 @@ impl Ledger {
         self.store().release(id)
     }
 
+    /// Releases an allocation this process claimed, only if the pool still holds it as
+    /// claimed (see [`Store::release_claimed`]).
+    pub fn release_claimed(&self, claimed: &Allocation) -> Result<Released, PoolError> {
+        self.store().release_claimed(claimed)
+    }
+
     /// Releases every allocation whose owner process is gone.
     pub fn gc(&self) -> Result<Vec<Allocation>, PoolError> {
         self.store().release_stale()
     }
+
+    /// For a command that failed: removes the pool file if this process created it
+    /// and nothing was written to it, so a failure (or a mistyped `--pool`) leaves no
+    /// empty pool behind. Errors are logged: the command's own error is the one to
+    /// report.
+    pub fn discard_if_unused(&self) {
+        match self.store().discard_if_unused() {
+            Ok(true) => log::info!("removed the unused pool {}", self.path.display()),
+            Ok(false) => {}
+            Err(e) => log::warn!(
+                "could not remove the unused pool {}: {e}",
+                self.path.display()
+            ),
+        }
+    }
 }
 
 /// An allocation held by this process; released on drop (and explicitly via release()).
+///
+/// The release checks that the pool still holds the allocation as it was claimed. When
+/// it does not (the pool lost writes), nothing is released and the loss is reported on
+/// stderr and in the log, naming the pool and the allocation: a quiet error would
+/// hide a host that may now be overcommitted.
 pub struct Claim {
     ledger: Ledger,
-    id: i64,
+    allocation: Allocation,
     released: bool,
 }
 
 impl Claim {
     /// The allocation's id in the ledger.
     pub fn id(&self) -> i64 {
-        self.id
+        self.allocation.id
     }
 
-    /// Releases the allocation now, reporting any error.
+    /// The allocation as it was claimed.
+    pub fn allocation(&self) -> &Allocation {
+        &self.allocation
+    }
+
+    /// Releases the allocation now, reporting any error; damage to the pool that did
+    /// not cost this claim is reported loudly and is not an error.
     pub fn release(mut self) -> Result<(), PoolError> {
         self.released = true;
-        self.ledger.release(self.id).map(|_| ())
+        let released = self.ledger.release_claimed(&self.allocation)?;
+        if let Some(damage) = released.damage {
+            loud(&damage);
+        }
+        Ok(())
     }
+}
+
+/// Says `msg` on stderr and in the log. A damaged ledger must reach a person even when
+/// logging is off or goes elsewhere, and stderr may be a closed pipe: nothing here
+/// panics.
+fn loud(msg: &str) {
+    log::error!("{msg}");
+    let _ = writeln!(std::io::stderr(), "minivmm: POOL LEDGER DAMAGED: {msg}");
 }
 
 impl std::fmt::Debug for Claim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Claim")
-            .field("id", &self.id)
+            .field("id", &self.allocation.id)
             .field("pool", &self.ledger.path)
             .finish()
     }
@@ -319,12 +421,23 @@ impl std::fmt::Debug for Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if !self.released
-            && let Err(e) = self.ledger.release(self.id)
-        {
+        if self.released {
+            return;
+        }
+        match self.ledger.release_claimed(&self.allocation) {
+            Ok(released) => {
+                if let Some(damage) = released.damage {
+                    loud(&damage);
+                }
+            }
+            Err(e @ PoolError::ClaimLost { .. }) => loud(&e.to_string()),
             // Nothing leaks even so: the next claim or `pool gc` finds it stale once
             // this process is gone.
-            log::error!("pool: could not release allocation {}: {e}", self.id);
+            Err(e) => log::error!(
+                "pool {}: could not release allocation {}: {e}",
+                self.ledger.path.display(),
+                self.allocation.id
+            ),
         }
     }
 }

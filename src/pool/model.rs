@@ -388,3 +388,30 @@ pub struct Allocation {
     /// Creation time, seconds since the Unix epoch.
     pub created: i64,
 }
+
+impl Allocation {
+    /// Whether `other` is this very claim: same id, VM, group, amounts, owner process
+    /// and creation time. An id alone proves nothing once a pool lost its recent
+    /// writes: the next claim is then given the same id again. The host is left out,
+    /// since `pool set-host` may rename it.
+    pub fn is_same_claim(&self, other: &Allocation) -> bool {
+        self.id == other.id
+            && self.vm_name == other.vm_name
+            && self.group == other.group
+            && self.amounts == other.amounts
+            && self.owner == other.owner
+            && self.created == other.created
+    }
+
+    /// "VM NAME (N vCPUs, M MiB, D GiB disk, held by pid P)", for messages.
+    pub fn describe(&self) -> String {
+        let holder = match &self.owner {
+            Some(o) => format!("held by pid {} on {}", o.pid, o.host),
+            None => "held until released".into(),
+        };
+        format!(
+            "VM {} ({} vCPUs, {} MiB, {} GiB disk, {holder})",
+            self.vm_name, self.amounts.vcpus, self.amounts.memory_mib, self.amounts.disk_gib
+        )
+    }
+}

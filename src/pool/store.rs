@@ -45,6 +45,17 @@ pub struct Committed {
     pub results: Vec<Result<Allocation, PoolError>>,
 }
 
+/// What [`Store::release_claimed`] did.
+#[derive(Debug)]
+pub struct Released {
+    /// The allocation released.
+    pub allocation: Allocation,
+    /// Damage to the pool found on the way that did not cost this claim (the pool's
+    /// -wal file deleted while this process still had its contents), for the caller to
+    /// report loudly.
+    pub damage: Option<String>,
+}
+
 /// Chooses allocations inside a claim transaction, given what changed since it last looked.
 pub type Chooser<'a> = dyn FnMut(Delta) -> Result<Vec<ClaimRequest>, PoolError> + 'a;
 
@@ -70,6 +81,11 @@ pub trait Store: Send {
     fn allocations(&mut self) -> Result<Vec<Allocation>, PoolError>;
     /// Releases one allocation.
     fn release(&mut self, id: i64) -> Result<Allocation, PoolError>;
+    /// Releases the allocation `claimed`, which this process claimed, only if the pool
+    /// still holds it exactly as claimed ([`Allocation::is_same_claim`]); otherwise
+    /// changes nothing and returns [`PoolError::ClaimLost`], so that a pool that lost
+    /// writes never has another VM's allocation (given the same id) erased.
+    fn release_claimed(&mut self, claimed: &Allocation) -> Result<Released, PoolError>;
     /// Releases every allocation whose owner is gone; returns them.
     fn release_stale(&mut self) -> Result<Vec<Allocation>, PoolError>;
     /// In one write transaction: releases stale allocations, tells `choose` what changed
@@ -85,4 +101,11 @@ pub trait Store: Send {
     /// Per host name, the sums of its live allocations and their count, computed from
     /// the allocations themselves: a consistency check of the usage the store keeps.
     fn recount(&mut self) -> Result<BTreeMap<String, (Amounts, u64)>, PoolError>;
+    /// Deletes the store if this process created it and nothing was ever written to it,
+    /// so that a command that failed leaves no empty pool behind. Returns whether it
+    /// did. A store this process did not create is never touched; the default (a
+    /// shared database) does nothing.
+    fn discard_if_unused(&mut self) -> Result<bool, PoolError> {
+        Ok(false)
+    }
 }

@@ -7,10 +7,10 @@ use clap::Args;
 use serde_json::json;
 
 use super::{Request, ScheduleError, Scheduler, Weights};
-use crate::pool::Amounts;
 use crate::pool::cli::{PoolLocation, print_json};
 use crate::pool::table::Table;
 use crate::pool::units::{parse_gib, parse_mib};
+use crate::pool::{Amounts, Ledger};
 
 /// `minivmm schedule`: choose a host for a VM and claim its resources there.
 #[derive(Debug, Args)]
@@ -69,19 +69,31 @@ fn request(a: &ScheduleArgs) -> Result<Request, ScheduleError> {
 }
 
 /// Runs `schedule`; returns the exit status. "No host fits" is an error (status 1).
+///
+/// A failure on a pool this command created leaves no file behind.
 pub fn run(args: ScheduleArgs) -> Result<i32, ScheduleError> {
     let req = request(&args)?;
+    let ledger = args.location.open()?;
+    let result = schedule(&args, &req, &ledger);
+    if result.is_err() {
+        ledger.discard_if_unused();
+    }
+    result
+}
+
+/// Places `req` on `ledger`'s pool and prints the outcome.
+fn schedule(args: &ScheduleArgs, req: &Request, ledger: &Ledger) -> Result<i32, ScheduleError> {
     let json = args.location.json;
-    let mut scheduler = Scheduler::new(args.location.open()?);
+    let mut scheduler = Scheduler::new(ledger.clone());
     let verdicts = if args.explain {
-        Some(scheduler.explain(&req)?)
+        Some(scheduler.explain(req)?)
     } else {
         None
     };
     let placed = if args.dry_run {
-        scheduler.dry_run(&req)
+        scheduler.dry_run(req)
     } else {
-        scheduler.place(&req)
+        scheduler.place(req)
     };
     if json {
         let explain = verdicts.as_ref().map(|v| {
@@ -128,21 +140,32 @@ pub fn run(args: ScheduleArgs) -> Result<i32, ScheduleError> {
                 ],
             });
         }
-        print!("{}", t.render());
+        crate::out!("{}", t.render());
     }
     let p = placed?;
     if !json {
         if args.dry_run {
-            println!(
+            crate::outln!(
                 "would place VM {} on host {} (score {:.4})",
-                req.name, p.host, p.score.total
+                req.name,
+                p.host,
+                p.score.total
             );
         } else {
-            println!(
+            crate::outln!(
                 "placed VM {} on host {} (allocation {}, score {:.4})",
-                req.name, p.host, p.allocation_id, p.score.total
+                req.name,
+                p.host,
+                p.allocation_id,
+                p.score.total
             );
         }
+    }
+    if !args.dry_run {
+        crate::output::report_lost(format_args!(
+            "placed VM {} on host {}: allocation {} stays claimed, `minivmm pool release {}` frees it",
+            req.name, p.host, p.allocation_id, p.allocation_id
+        ));
     }
     Ok(0)
 }

@@ -6,6 +6,7 @@
 //! wait for the WAL to reach the disk, so a claim reported to the caller survives a
 //! power cut, not just a crash.
 
+mod files;
 mod open;
 mod read;
 mod writer;
@@ -17,7 +18,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::PoolError;
 use super::model::{Allocation, Amounts, Host, HostSpec, Resource};
-use super::store::{Chooser, Committed, Delta, Store};
+use super::store::{Chooser, Committed, Delta, Released, Store};
 use read::{N, Which, bind, load_allocations, load_host_by_id, load_hosts, u};
 use writer::Writer;
 
@@ -25,6 +26,15 @@ use writer::Writer;
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// Whether this process created the file (it did not exist before [`Self::open`]).
+    created: bool,
+    /// The pool file and companions this connection opened (None until it has).
+    files: Option<files::PoolFiles>,
+}
+
+/// See [`crate::pool::interrupt_waits`].
+pub(crate) fn interrupt_waits() {
+    open::INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Seconds since the Unix epoch.
@@ -176,8 +186,112 @@ impl Store for SqliteStore {
         self.write(|w| w.release(id))
     }
 
+    fn release_claimed(&mut self, claimed: &Allocation) -> Result<Released, PoolError> {
+        let pool = self.path.clone();
+        let damage = self.files.as_ref().and_then(|f| f.damage(&f.now()));
+        let wal = files::companion(&pool, "-wal");
+        match damage {
+            None => self
+                .write(|w| w.release_claimed(claimed, &pool, ""))
+                .map(|allocation| Released {
+                    allocation,
+                    damage: None,
+                }),
+            // Nobody else could read the pool since, so this connection's view is
+            // the pool: release through it, and its checkpoint when the last
+            // connection closes writes everything back into the pool file.
+            Some(files::Damage::WalOnly) => {
+                let allocation = self.write(|w| {
+                    w.release_claimed(
+                        claimed,
+                        &pool,
+                        "; the pool's -wal file was deleted meanwhile",
+                    )
+                })?;
+                let damage = format!(
+                    "pool {}: its write-ahead log {} was deleted while this process held \
+                     allocation {} of {}. Until this process (or the last one holding the \
+                     pool open since before) exits, other processes cannot read the pool \
+                     (\"disk I/O error\"); this one still had its latest state, released \
+                     the allocation, and writes the pool back when it closes it. Never \
+                     delete a pool's -wal or -shm file while minivmm runs",
+                    pool.display(),
+                    wal.display(),
+                    claimed.id,
+                    claimed.describe()
+                );
+                Ok(Released {
+                    allocation,
+                    damage: Some(damage),
+                })
+            }
+            // Other processes may have rebuilt the pool from the pool file and given
+            // this allocation's id and resources to another VM: look at the pool they
+            // see, and release there only what is still this very claim.
+            Some(files::Damage::Diverged) => {
+                let cause = format!(
+                    "; the pool's shared-memory index {} (or the pool file) was deleted \
+                     or replaced while this process held the allocation, so every process \
+                     that opened the pool since saw it as it was at its last checkpoint, \
+                     without this claim. Never delete a pool's -wal or -shm file while \
+                     minivmm runs",
+                    files::companion(&pool, "-shm").display()
+                );
+                let lost = |now: String| PoolError::ClaimLost {
+                    pool: pool.clone(),
+                    claimed: Box::new(claimed.clone()),
+                    now,
+                    cause: cause.clone(),
+                };
+                if let Err(e) = self.reopen() {
+                    return Err(lost(format!(
+                        "cannot be checked: the pool on disk cannot be opened ({e})"
+                    )));
+                }
+                self.write(|w| w.release_claimed(claimed, &pool, &cause))
+                    .map_err(|e| match e {
+                        e @ PoolError::ClaimLost { .. } => e,
+                        e => lost(format!(
+                            "cannot be checked: the pool on disk cannot be read ({e})"
+                        )),
+                    })
+                    .map(|allocation| Released {
+                        allocation,
+                        damage: Some(format!(
+                            "pool {}: allocation {} survived{cause}",
+                            pool.display(),
+                            claimed.id
+                        )),
+                    })
+            }
+        }
+    }
+
     fn release_stale(&mut self) -> Result<Vec<Allocation>, PoolError> {
         self.write(|w| w.release_stale())
+    }
+
+    fn discard_if_unused(&mut self) -> Result<bool, PoolError> {
+        if !self.created {
+            return Ok(false);
+        }
+        // Under the write lock, so no other process can write between the look and the
+        // unlink; one that opened the file meanwhile gets SQLITE_READONLY_DBMOVED on
+        // its next write (SQLite checks for an unlinked file), not a silent loss.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let unused: bool = tx.query_row(
+            "SELECT (SELECT count(*) FROM hosts) = 0 AND (SELECT count(*) FROM allocations) = 0
+                 AND (SELECT value FROM meta WHERE key = 'generation') = 0",
+            [],
+            |r| r.get(0),
+        )?;
+        if unused {
+            open::remove_files(&self.path)?;
+        }
+        drop(tx); // rolls back: nothing was written
+        Ok(unused)
     }
 
     fn recount(&mut self) -> Result<BTreeMap<String, (Amounts, u64)>, PoolError> {

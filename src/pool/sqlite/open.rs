@@ -1,11 +1,14 @@
 //! Opening a pool file: refusing foreign files, WAL and FULL sync, schema migrations.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::SqliteStore;
+use super::files::PoolFiles;
 use crate::pool::PoolError;
 
 /// PRAGMA application_id of a minivmm pool: "MVMM" in ASCII, so `file` and we can tell it.
@@ -13,6 +16,36 @@ const APP_ID: i64 = 0x4d56_4d4d;
 
 /// How long a claim waits for another process's write before giving up; claims are short.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Set by [`crate::pool::interrupt_waits`]: every wait for the pool's lock in this
+/// process gives up at its next look.
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// SQLite's busy handler for every pool connection: called, with the number of times
+/// it was called for this lock attempt, when another connection holds the lock this
+/// one needs (SQLITE_BUSY); returning true retries, false gives up with SQLITE_BUSY.
+///
+/// It waits as SQLite's own busy timeout does (sleeps of 1 ms growing to 100 ms, for
+/// up to [`BUSY_TIMEOUT`] in all) but gives up as soon as [`INTERRUPTED`] is set, so a
+/// process told to stop (SIGTERM while `run` waits for admission on a pool another
+/// process keeps locked) stops within one sleep instead of after 30 s.
+fn wait_for_lock(count: i32) -> bool {
+    const SLEEPS_MS: [u64; 12] = [1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
+    thread_local! {
+        static SINCE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let now = Instant::now();
+    if count == 0 {
+        SINCE.with(|s| s.set(Some(now)));
+    }
+    let since = SINCE.with(|s| s.get()).unwrap_or(now);
+    if INTERRUPTED.load(Ordering::Relaxed) || now.duration_since(since) >= BUSY_TIMEOUT {
+        return false;
+    }
+    let step = usize::try_from(count).unwrap_or(0).min(SLEEPS_MS.len() - 1);
+    std::thread::sleep(Duration::from_millis(SLEEPS_MS[step]));
+    !INTERRUPTED.load(Ordering::Relaxed)
+}
 
 /// Schema migrations; entry i brings user_version i to i + 1.
 const MIGRATIONS: &[&str] = &[
@@ -129,28 +162,79 @@ impl SqliteStore {
             });
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| PoolError::Io {
-                what: format!("creating {}", dir.display()),
-                source,
-            })?;
+            create_parent(path, dir)?;
         }
+        // lstat, not stat: a dangling symlink exists, and is not ours to remove.
+        let created = std::fs::symlink_metadata(path).is_err();
         let conn = Connection::open(path).map_err(|e| classify(path, e))?;
-        // Waiting writers queue on the lock instead of failing: claims are short.
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| classify(path, e))?;
         let mut store = SqliteStore {
             conn,
             path: path.to_path_buf(),
+            created,
+            files: None,
         };
-        store.check_identity()?;
-        store
-            .configure()
-            .and_then(|()| store.migrate())
-            .map_err(|e| match e {
-                PoolError::Sql(s) => classify(path, s),
-                other => other,
-            })?;
-        Ok(store)
+        let opened = store.set_up().map_err(|e| match e {
+            PoolError::Sql(s) => classify(path, s),
+            other => other,
+        });
+        match opened {
+            Ok(()) => {
+                // set_up read the pool in WAL mode, so SQLite now holds the -wal and
+                // -shm files open: these are the files this connection goes on using.
+                store.files = Some(PoolFiles::at(path));
+                Ok(store)
+            }
+            // A file we created and could not make a pool (disk full, I/O error) must
+            // not stay behind, empty. A refused file is someone else's, as is one that
+            // existed: both are left alone.
+            Err(e @ (PoolError::NotAPool { .. } | PoolError::TooNew { .. })) => Err(e),
+            Err(e) => {
+                if created {
+                    drop(store);
+                    if let Err(rm) = remove_files(path) {
+                        log::warn!("cannot remove the pool file this failed open created: {rm}");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces this store's connection, whose -shm (or pool file) was deleted or
+    /// replaced under it, with one to the files now on disk, the pool every other
+    /// process sees.
+    ///
+    /// The old connection is closed with checkpoint-on-close turned off
+    /// (SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE): otherwise, as the pool's last connection in
+    /// this process, SQLite would copy its own, diverged WAL into the pool file and
+    /// then unlink the `-wal` file now at the path, which holds other processes'
+    /// claims. It is closed before the new one opens because SQLite shares one
+    /// shared-memory index per pool file inode within a process: a second connection
+    /// opened beside the old one would read the old, unlinked index. The new
+    /// connection never creates a file: a pool file that is gone stays gone.
+    pub(super) fn reopen(&mut self) -> Result<(), PoolError> {
+        self.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+        let placeholder = Connection::open_in_memory()?;
+        let old = std::mem::replace(&mut self.conn, placeholder);
+        old.close().map_err(|(_, e)| e)?;
+        self.files = None;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        self.conn =
+            Connection::open_with_flags(&self.path, flags).map_err(|e| classify(&self.path, e))?;
+        self.conn.busy_handler(Some(wait_for_lock))?;
+        self.configure()?;
+        self.files = Some(PoolFiles::at(&self.path));
+        Ok(())
+    }
+
+    /// Makes an open file a usable pool: busy timeout, identity check, WAL, schema.
+    fn set_up(&mut self) -> Result<(), PoolError> {
+        // Waiting writers queue on the lock instead of failing: claims are short.
+        self.conn.busy_handler(Some(wait_for_lock))?;
+        self.check_identity()?;
+        self.configure()?;
+        self.migrate()
     }
 
     /// The file this store uses.
@@ -193,9 +277,9 @@ impl SqliteStore {
     /// The switch needs the file to itself, and SQLite answers SQLITE_BUSY at once rather
     /// than through the busy handler when another connection is using it, which happens
     /// when many processes open a new pool together. So retry, for as long as the busy
-    /// timeout would have waited.
+    /// timeout would have waited, or until waits are interrupted.
     fn enter_wal(&self) -> Result<(), PoolError> {
-        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        let deadline = Instant::now() + BUSY_TIMEOUT;
         loop {
             match self
                 .conn
@@ -212,7 +296,8 @@ impl SqliteStore {
                 }
                 Err(e)
                     if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
-                        && std::time::Instant::now() < deadline =>
+                        && Instant::now() < deadline
+                        && !INTERRUPTED.load(Ordering::Relaxed) =>
                 {
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -265,4 +350,45 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// Creates the pool's directory `dir` and its parents. An ancestor that exists and is
+/// not a directory is named as such: mkdir(2) would only answer EEXIST ("File exists")
+/// or ENOTDIR for it, which names neither the file nor the fix.
+fn create_parent(path: &Path, dir: &Path) -> Result<(), PoolError> {
+    for ancestor in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+        match std::fs::metadata(ancestor) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(PoolError::ParentNotDirectory {
+                    path: path.to_path_buf(),
+                    parent: ancestor.to_path_buf(),
+                });
+            }
+            Err(_) => continue,
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| PoolError::CreateDir {
+        dir: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Removes a pool file and its WAL and shared-memory companions; missing ones are fine.
+pub(super) fn remove_files(path: &Path) -> Result<(), PoolError> {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(PoolError::Io {
+                    what: format!("removing {}", Path::new(&name).display()),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }

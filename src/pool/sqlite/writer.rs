@@ -109,6 +109,28 @@ impl<'c> Writer<'c> {
         Ok(alloc)
     }
 
+    /// Releases allocation `claimed.id` if it is still `claimed`
+    /// ([`Allocation::is_same_claim`]); otherwise writes nothing and returns
+    /// [`PoolError::ClaimLost`] for `pool`, with `cause` appended to its message.
+    pub(super) fn release_claimed(
+        &mut self,
+        claimed: &Allocation,
+        pool: &std::path::Path,
+        cause: &str,
+    ) -> Result<Allocation, PoolError> {
+        let now = match load_allocations(self.conn, Some(claimed.id))?.pop() {
+            Some(a) if a.is_same_claim(claimed) => return self.release(claimed.id),
+            Some(other) => format!("is gone: id {} now names {}", other.id, other.describe()),
+            None => "is no longer in the pool".to_string(),
+        };
+        Err(PoolError::ClaimLost {
+            pool: pool.to_path_buf(),
+            claimed: Box::new(claimed.clone()),
+            now,
+            cause: cause.to_string(),
+        })
+    }
+
     /// Releases the allocations of every owner that is gone, and forgets those owners.
     pub(super) fn release_stale(&mut self) -> Result<Vec<Allocation>, PoolError> {
         let local_host = owner::hostname()?;
