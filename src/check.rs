@@ -104,6 +104,11 @@ pub fn run() -> Report {
             }
         }
     }
+    let (kernel, readable) = exec_kernel();
+    item("kernel for exec", true, readable.map_or_else(
+        |e| format!("{kernel}: {e} (only `minivmm exec` without --kernel needs it; on Ubuntu: `sudo chmod 0644 /boot/vmlinuz-*`)"),
+        |()| format!("{kernel} is readable"),
+    ));
     item(
         "KVM implementation",
         true,
@@ -115,5 +120,20 @@ pub fn run() -> Report {
         flavor,
         flavor_explained: flavor.explain(),
         items,
+    }
+}
+
+/// This machine's own kernel image, which `minivmm exec` boots by default, and
+/// whether this user can read it (Ubuntu keeps /boot/vmlinuz-* root-only).
+fn exec_kernel() -> (String, Result<(), String>) {
+    match crate::exec::kernel_release() {
+        Ok(r) => {
+            let path = format!("/boot/vmlinuz-{r}");
+            let res = std::fs::File::open(&path)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            (path, res)
+        }
+        Err(e) => ("/boot/vmlinuz-?".into(), Err(e.to_string())),
     }
 }

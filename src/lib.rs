@@ -26,6 +26,8 @@
 #![deny(missing_docs)]
 
 pub mod check;
+pub mod exec;
+pub mod output;
 pub mod pool;
 pub mod scheduler;
 pub mod vmm;

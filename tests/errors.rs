@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 const VMM_ERROR: i32 = 125;
 const USAGE: i32 = 2;
@@ -210,25 +211,72 @@ fn unknown_flag_and_bad_timeout() {
     run_expect(&["launch"], USAGE, "unrecognized subcommand");
 }
 
-/// /dev/kvm hidden in a private mount namespace: the error names the missing device
-/// and the fix. Needs root (unshare); skipped otherwise.
+/// Runs `script` with `sh -c` in a private mount namespace (`unshare --mount`, as
+/// root; otherwise in a user namespace that maps us to root, which can mount a tmpfs
+/// but not make device nodes). `None` after [`skip`] when no such namespace can be
+/// made here; a failure of the script itself is the test's to judge.
+fn in_mount_namespace(test: &str, script: &str, needs_real_root: bool) -> Option<Output> {
+    let mut ns: Vec<&str> = vec!["--mount"];
+    if !is_root() {
+        if needs_real_root {
+            skip(
+                test,
+                "MINIVMM_REQUIRE_KVM",
+                "needs root: it makes a device node and runs minivmm as another user",
+                "run the tests as root (sudo scripts/test.sh)",
+            );
+            return None;
+        }
+        ns = vec!["--user", "--map-root-user", "--mount"];
+    }
+    let probe = Command::new("unshare").args(&ns).arg("true").output();
+    match probe {
+        Ok(p) if p.status.success() => {}
+        Ok(p) => {
+            skip(
+                test,
+                "MINIVMM_REQUIRE_KVM",
+                &format!(
+                    "cannot create a mount namespace (`unshare {}`: {})",
+                    ns.join(" "),
+                    String::from_utf8_lossy(&p.stderr).trim()
+                ),
+                "run as root with CAP_SYS_ADMIN (sudo scripts/test.sh), or allow unprivileged user namespaces",
+            );
+            return None;
+        }
+        Err(e) => {
+            skip(
+                test,
+                "MINIVMM_REQUIRE_KVM",
+                &format!("cannot run unshare: {e}"),
+                "install util-linux (it provides unshare and setpriv)",
+            );
+            return None;
+        }
+    }
+    Some(
+        Command::new("unshare")
+            .args(&ns)
+            .args(["sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
+    )
+}
+
+/// /dev/kvm hidden in a private mount namespace (an empty tmpfs over /dev): the error
+/// names the missing device and the fix.
 #[test]
 fn dev_kvm_missing() {
     let d = scratch("dev_kvm_missing");
     let k = tiny_guest(&d, "hello", &hello_body("hi", 0, true), true);
     let script = format!(
-        "mount -t tmpfs none /dev && exec {} run --no-ledger --kernel {}",
+        "set -e; mount -t tmpfs none /dev; exec {} run --no-ledger --kernel {}",
         env!("CARGO_BIN_EXE_minivmm"),
         k.display()
     );
-    let o = std::process::Command::new("unshare")
-        .args(["--mount", "sh", "-c", &script])
-        .output();
-    let Some(o) = o
-        .ok()
-        .filter(|o| !String::from_utf8_lossy(&o.stderr).contains("unshare:"))
-    else {
-        eprintln!("*** SKIP dev_kvm_missing: cannot create a mount namespace (needs root) ***");
+    let Some(o) = in_mount_namespace("dev_kvm_missing", &script, false) else {
         return;
     };
     let err = stderr(&o);
@@ -240,43 +288,89 @@ fn dev_kvm_missing() {
     );
 }
 
-/// An unprivileged user cannot open root's crw------- /dev/kvm.
+/// An unprivileged user cannot open root's crw------- /dev/kvm. The host's own node may
+/// be world-writable (many distributions make it so), so the test makes its own: in a
+/// private mount namespace, a tmpfs over /dev holding a fresh KVM device node (char
+/// 10:232) with mode 0600, owned by root; then minivmm runs as nobody (uid 65534).
 #[test]
 fn dev_kvm_permission_denied() {
-    let meta = std::fs::metadata("/dev/kvm");
-    let world_rw = meta.as_ref().map(|m| {
-        use std::os::unix::fs::PermissionsExt;
-        m.permissions().mode() & 0o006 == 0o006
-    });
-    if meta.is_err() || world_rw.unwrap_or(true) {
-        eprintln!("*** SKIP dev_kvm_permission_denied: /dev/kvm is absent or world-accessible ***");
-        return;
-    }
+    let test = "dev_kvm_permission_denied";
     let d = scratch("dev_kvm_perm");
     let k = tiny_guest(&d, "hello", &hello_body("hi", 0, true), true);
     // The guest file must be readable by the unprivileged user.
-    let _ = std::process::Command::new("chmod")
-        .args(["-R", "a+rX"])
-        .arg(&d)
-        .status();
-    let o = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_minivmm"))
-        .args(["run", "--no-ledger", "--kernel"])
-        .arg(&k)
-        .output();
-    let Some(o) = o
-        .ok()
-        .filter(|o| !String::from_utf8_lossy(&o.stderr).contains("setpriv:"))
-    else {
-        eprintln!("*** SKIP dev_kvm_permission_denied: setpriv unavailable or not root ***");
+    let chmod = Command::new("chmod").args(["-R", "a+rX"]).arg(&d).status();
+    assert!(
+        chmod.is_ok_and(|s| s.success()),
+        "chmod -R a+rX {}",
+        d.display()
+    );
+    let script = format!(
+        "set -e; mount -t tmpfs -o mode=0755 none /dev; mknod -m 0600 /dev/kvm c 10 232;          chown 0:0 /dev/kvm; ls -ln /dev/kvm >&2;          exec setpriv --reuid=65534 --regid=65534 --clear-groups {} run --no-ledger --kernel {}",
+        env!("CARGO_BIN_EXE_minivmm"),
+        k.display()
+    );
+    let Some(o) = in_mount_namespace(test, &script, true) else {
         return;
     };
     let err = stderr(&o);
+    assert!(
+        err.starts_with("crw------- 1 0 0 10, 232 "),
+        "the namespace's /dev/kvm is not root's 0600 KVM node: {err}"
+    );
     assert_eq!(o.status.code(), Some(VMM_ERROR), "{err}");
     assert!(err.contains("permission denied opening /dev/kvm"), "{err}");
 }
 
+/// Runs `minivmm run --kernel K ARGS...` on a tiny guest built from `body`; returns its
+/// exit status.
+fn run_guest(d: &Path, name: &str, body: &str, args: &[&str]) -> Option<i32> {
+    let k = tiny_guest(d, name, body, true);
+    let o = output({
+        let mut c = minivmm();
+        c.arg("run")
+            .arg("--kernel")
+            .arg(&k)
+            .args(["--serial", "none", "--timeout", "20s"])
+            .args(args);
+        c
+    });
+    o.status.code()
+}
+
+/// Starts a guest that prints a line and spins, waits for that line (the VM runs),
+/// sends SIGTERM and returns the exit status.
+fn run_until_signalled(d: &Path) -> Option<i32> {
+    use std::io::BufRead;
+    let k = tiny_guest(
+        d,
+        "up",
+        // "up\n" on COM1, then spin.
+        "  mov $0x3f8, %dx\n  mov $0x75, %al\n  out %al, %dx\n  mov $0x70, %al\n  out %al, %dx\n\
+         mov $0x0a, %al\n  out %al, %dx\n1: jmp 1b",
+        true,
+    );
+    let mut child = KillOnDrop(
+        minivmm()
+            .arg("run")
+            .arg("--kernel")
+            .arg(&k)
+            .args(["--timeout", "60s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "up\n", "the guest did not start");
+    signal(&child.0, 15);
+    child.0.wait().unwrap().code()
+}
+
+/// Every exit status `minivmm --help` lists (and README's usage error and closed
+/// stdout) is the status of a real run that ends that way.
 #[test]
 fn help_explains_exit_statuses() {
     let o = output({
@@ -297,5 +391,102 @@ fn help_explains_exit_statuses() {
         "--json",
     ] {
         assert!(h.contains(flag), "--help lacks {flag}");
+    }
+
+    let o = output({
+        let mut c = minivmm();
+        c.arg("--help");
+        c
+    });
+    assert_eq!(o.status.code(), Some(0));
+    let h = stdout(&o);
+    let table = h
+        .split("Exit status of `minivmm run`:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("--help has no exit status table:\n{h}"));
+    let listed: Vec<&str> = table
+        .lines()
+        .map_while(|l| l.strip_prefix("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        listed,
+        ["0", "(v<<1)|1", "120", "122", "124", "125", "128+n"],
+        "the statuses --help lists:\n{table}"
+    );
+
+    // README's: a usage error is 2; a closed stdout on `check` is 141.
+    let o = output({
+        let mut c = minivmm();
+        c.args(["run", "--kernel", "/x", "--no-such-flag"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(USAGE), "{}", stderr(&o));
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = minivmm()
+        .arg("check")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", stderr(&o));
+    let o = output({
+        let mut c = minivmm();
+        c.args(["run", "--kernel", "/nonexistent/vmlinux"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(VMM_ERROR), "125: {}", stderr(&o));
+    if !kvm_or_skip("help_explains_exit_statuses") {
+        return;
+    }
+
+    let d = scratch("exit_statuses");
+    for status in listed {
+        let (got, want) = match status {
+            // Reset through the i8042 (pulse the CPU reset line).
+            "0" => (
+                run_guest(
+                    &d,
+                    "reset",
+                    "  mov $0xfe, %al\n  out %al, $0x64\n1: jmp 1b",
+                    &[],
+                ),
+                0,
+            ),
+            // isa-debug-exit with v = 5.
+            "(v<<1)|1" => (
+                run_guest(&d, "exit5", &hello_body("bye", 5, true), &[]),
+                (5 << 1) | 1,
+            ),
+            // #DE with an empty IDT: #DF, then shutdown.
+            "120" => (
+                run_guest(
+                    &d,
+                    "fault",
+                    "  lidt idt\n  xor %ecx, %ecx\n  div %ecx\nidt: .word 0\n .long 0",
+                    &[],
+                ),
+                120,
+            ),
+            // Executing where no memory is: KVM cannot fetch, let alone emulate, the
+            // instruction (an emulation failure, KVM_EXIT_INTERNAL_ERROR).
+            "122" => (
+                run_guest(&d, "nomem", "  mov $0xd0000000, %eax\n  jmp *%eax", &[]),
+                122,
+            ),
+            "124" => (
+                run_guest(&d, "spin", "1: jmp 1b", &["--timeout", "200ms"]),
+                124,
+            ),
+            // A VM refused by the ledger: more memory than the local host has.
+            "125" => (
+                run_guest(&d, "big", &hello_body("x", 0, true), &["--memory", "1024G"]),
+                125,
+            ),
+            "128+n" => (run_until_signalled(&d), 128 + 15),
+            other => panic!("no case for the listed status {other}"),
+        };
+        assert_eq!(got, Some(want), "the status listed as {status}");
     }
 }

@@ -56,7 +56,15 @@ fn no_pit_leaves_the_timer_out() {
         );
         r.assert_end("debug-exit", 11);
     }
-    let r = run_with("memory.elf", "", 1, "5G", "20s", Input::None, &["--no-pit"]);
+    let r = run_with(
+        "memory.elf",
+        "",
+        1,
+        "5G",
+        "20s",
+        Input::None,
+        &["--no-pit", "--no-ledger"],
+    );
     r.assert_end("debug-exit", 33);
 }
 

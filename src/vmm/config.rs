@@ -60,6 +60,25 @@ pub enum ConfigError {
     /// The command line contains a NUL byte, which would end it early in the guest.
     #[error("the kernel command line contains a NUL byte")]
     CmdlineNul,
+    /// A `--disk` value with an unknown option.
+    #[error("--disk {0:?}: unknown option {1:?}; use FILE, FILE,ro or FILE,rw")]
+    BadDisk(String, String),
+    /// A `--share` value that cannot be parsed.
+    #[error("--share {0:?}: {1}; use DIR, DIR,ro, DIR,tag=NAME or DIR,tag=NAME,ro")]
+    BadShare(String, String),
+    /// Two shares with one tag.
+    #[error("two --share directories have the tag {0:?}; give each its own with ,tag=NAME")]
+    DuplicateTag(String),
+    /// More devices than there are interrupt lines for them.
+    #[error(
+        "{given} virtio devices asked for; minivmm gives a VM at most {max} (one interrupt line each)"
+    )]
+    TooManyDevices {
+        /// Devices asked for.
+        given: usize,
+        /// The most that fit.
+        max: usize,
+    },
 }
 
 /// Where the guest's serial console (COM1) goes.
@@ -123,6 +142,106 @@ pub struct VmConfig {
     /// `delete_memory_slots` in vmm/mod.rs): a VM that lives a few ms ends ~8 ms sooner
     /// here. Without it, ports 0x40-0x43 behave like any unclaimed port.
     pub pit: bool,
+    /// Raw disk images, each a virtio-blk device, in this order.
+    pub disks: Vec<DiskSpec>,
+    /// Host directories shared with the guest, each a virtio-fs device.
+    pub shares: Vec<ShareSpec>,
+    /// Give the VM a virtio-rng entropy device.
+    pub rng: bool,
+    /// Give the VM a virtio console (Linux's /dev/hvc0) whose output goes here:
+    /// `minivmm exec`'s channel for the command's output and status.
+    pub virtio_console: Option<ConsoleOut>,
+}
+
+/// Where a virtio console's bytes go (any writer; it may block, which holds the
+/// guest back rather than losing bytes).
+pub struct ConsoleOut(pub Box<dyn Write + Send>);
+
+impl fmt::Debug for ConsoleOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a writer")
+    }
+}
+
+/// One `--share DIR[,tag=T][,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    /// The host directory.
+    pub path: PathBuf,
+    /// The tag the guest mounts (`mount -t virtiofs TAG /mnt`); `None`: `shareN`,
+    /// N counting the shares from 0.
+    pub tag: Option<String>,
+    /// The guest cannot change anything in it.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for ShareSpec {
+    type Err = ConfigError;
+
+    /// Parses `DIR`, `DIR,ro`, `DIR,tag=T` or `DIR,tag=T,ro` (options in any order).
+    fn from_str(s: &str) -> Result<ShareSpec, ConfigError> {
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(ConfigError::BadShare(s.into(), "no directory given".into()));
+        }
+        let mut spec = ShareSpec {
+            path: PathBuf::from(path),
+            tag: None,
+            read_only: false,
+        };
+        for opt in parts {
+            match opt {
+                "ro" => spec.read_only = true,
+                "rw" => spec.read_only = false,
+                o => match o.strip_prefix("tag=") {
+                    Some(t) if !t.is_empty() && t.len() <= 36 => spec.tag = Some(t.into()),
+                    Some(_) => {
+                        return Err(ConfigError::BadShare(
+                            s.into(),
+                            "a tag is 1 to 36 bytes".into(),
+                        ));
+                    }
+                    None => {
+                        return Err(ConfigError::BadShare(
+                            s.into(),
+                            format!("unknown option {o:?}"),
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// One `--disk FILE[,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Opened read-only; the guest's writes fail.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = ConfigError;
+
+    /// Parses `FILE`, `FILE,ro` or `FILE,rw`.
+    fn from_str(s: &str) -> Result<DiskSpec, ConfigError> {
+        let (path, opts) = match s.rsplit_once(',') {
+            Some((p, o)) if matches!(o, "ro" | "rw") => (p, o),
+            Some((_, o)) => return Err(ConfigError::BadDisk(s.to_string(), o.to_string())),
+            None => (s, "rw"),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::BadDisk(s.to_string(), String::new()));
+        }
+        Ok(DiskSpec {
+            path: PathBuf::from(path),
+            read_only: opts == "ro",
+        })
+    }
 }
 
 impl VmConfig {
@@ -140,6 +259,10 @@ impl VmConfig {
             serial_in: SerialIn::None,
             trace_exits: false,
             pit: true,
+            disks: Vec::new(),
+            shares: Vec::new(),
+            rng: false,
+            virtio_console: None,
         }
     }
 
@@ -155,7 +278,35 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
+        let tags = self.share_tags();
+        for (i, t) in tags.iter().enumerate() {
+            if tags[..i].contains(t) {
+                return Err(ConfigError::DuplicateTag(t.clone()));
+            }
+        }
+        let devices = self.disks.len()
+            + self.shares.len()
+            + usize::from(self.rng)
+            + usize::from(self.virtio_console.is_some());
+        let max = crate::vmm::devices::mmio::DEVICE_IRQS.len();
+        if devices > max {
+            return Err(ConfigError::TooManyDevices {
+                given: devices,
+                max,
+            });
+        }
         Ok(())
+    }
+}
+
+impl VmConfig {
+    /// The tag of each share, defaults filled in (`share0`, `share1`, ...).
+    pub fn share_tags(&self) -> Vec<String> {
+        self.shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.tag.clone().unwrap_or_else(|| format!("share{i}")))
+            .collect()
     }
 }
 

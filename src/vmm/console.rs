@@ -1,11 +1,14 @@
-//! The host side of the serial console: standard input fed to COM1's receive FIFO,
-//! and the terminal put in raw mode while the VM runs (and restored afterwards, on
-//! every path, by a guard's Drop).
+//! The host side of the serial console: guest output handed to a writer thread through
+//! a bounded buffer ([`OutputPump`]), standard input fed to COM1's receive FIFO, and
+//! the terminal put in raw mode while the VM runs (and restored afterwards, on every
+//! path, by a guard's Drop).
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -152,5 +155,206 @@ fn pump(devices: Arc<Devices>, wake: EventFd, interactive: bool, on_escape: impl
         if eof && pending.is_empty() {
             return; // nothing more will come
         }
+    }
+}
+
+/// Most guest output held for a slow console before further bytes are dropped: 1 MiB,
+/// several seconds of a Linux boot log on a terminal, and far more than a healthy
+/// reader ever falls behind.
+pub const OUTPUT_BUFFER: usize = 1 << 20;
+
+/// Most bytes handed to the sink in one write: big writes keep the syscall count low
+/// when the guest prints a lot, small enough that progress is seen often.
+const CHUNK: usize = 64 << 10;
+
+/// What [`OutputPump::wait`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Everything the guest wrote has reached the sink, or been dropped.
+    Done,
+    /// The sink took bytes, but some are still waiting.
+    Progress,
+    /// The sink took nothing within the wait.
+    Stalled,
+}
+
+/// The state the vCPUs, the writer thread and the VM's end share.
+#[derive(Default)]
+struct Queue {
+    /// Guest bytes not yet handed to the sink.
+    buf: VecDeque<u8>,
+    /// Bytes the writer has taken and is writing now.
+    writing: usize,
+    /// Bytes that never reached the sink: buffer full, sink failed, or left behind.
+    dropped: u64,
+    /// No more bytes will come: the writer ends once the buffer is empty.
+    closed: bool,
+    /// The sink failed; later bytes are counted and discarded.
+    broken: bool,
+    /// The VM's end gave up on the sink and counted what was left as dropped.
+    abandoned: bool,
+    /// Whether the "buffer full" warning was logged (once per VM: a guest must not be
+    /// able to flood the host's log).
+    warned_full: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when bytes arrive or the queue closes (the writer waits on it).
+    filled: Condvar,
+    /// Signalled when the writer finished a write (the VM's end waits on it).
+    emptied: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // The queue is plain data, consistent between statements: a panic elsewhere
+        // while holding the lock leaves nothing half-done.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Guest console output on its way to a sink (a terminal, pipe or file) through a
+/// bounded buffer and a writer thread, so that a sink that blocks (a pipe nobody
+/// reads, a stopped terminal) never blocks a vCPU, and with it the VM's stop: the
+/// vCPU only appends to the buffer, and drops bytes, counted, when it is full.
+///
+/// The writer thread is never joined: it ends by itself once the queue is closed and
+/// written out, or, if its sink blocks for good, with the process.
+pub struct OutputPump {
+    shared: Arc<Shared>,
+}
+
+impl OutputPump {
+    /// Starts the writer thread for `sink`.
+    pub fn start(sink: Box<dyn Write + Send>) -> io::Result<OutputPump> {
+        let shared = Arc::new(Shared::default());
+        let theirs = shared.clone();
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || write_out(&theirs, sink))?;
+        Ok(OutputPump { shared })
+    }
+
+    /// Queues guest bytes for the sink without ever waiting for it; bytes that do not
+    /// fit in [`OUTPUT_BUFFER`] are dropped and counted.
+    pub fn push(&self, bytes: &[u8]) {
+        let mut q = self.shared.lock();
+        if q.broken || q.closed {
+            q.dropped += bytes.len() as u64;
+            return;
+        }
+        let room = OUTPUT_BUFFER.saturating_sub(q.buf.len() + q.writing);
+        let (kept, lost) = bytes.split_at(bytes.len().min(room));
+        q.buf.extend(kept);
+        if !lost.is_empty() {
+            q.dropped += lost.len() as u64;
+            if !q.warned_full {
+                q.warned_full = true;
+                log::warn!(
+                    "the serial console is not being read fast enough: {} KiB are waiting, guest output is dropped until there is room (counted in console_dropped_bytes)",
+                    OUTPUT_BUFFER >> 10
+                );
+            }
+        }
+        if !kept.is_empty() {
+            self.shared.filled.notify_one();
+        }
+    }
+
+    /// Bytes dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.shared.lock().dropped
+    }
+
+    /// Says no more bytes will come; the writer thread ends once it has written the rest.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.filled.notify_one();
+    }
+
+    /// Waits at most `max` for the writer: returns as soon as everything is out
+    /// ([`Drain::Done`]) or a write completed ([`Drain::Progress`]).
+    pub fn wait(&self, max: Duration) -> Drain {
+        let q = self.shared.lock();
+        if q.buf.is_empty() && q.writing == 0 {
+            return Drain::Done;
+        }
+        let (q, timeout) = self
+            .shared
+            .emptied
+            .wait_timeout(q, max)
+            .unwrap_or_else(|p| p.into_inner());
+        if q.buf.is_empty() && q.writing == 0 {
+            Drain::Done
+        } else if timeout.timed_out() {
+            Drain::Stalled
+        } else {
+            Drain::Progress
+        }
+    }
+
+    /// Gives up on what the sink has not taken: it counts as dropped (the write in
+    /// flight too: a blocked write may never finish), and the writer thread is left to
+    /// end when its write returns, or with the process.
+    pub fn abandon(&self) {
+        let mut q = self.shared.lock();
+        if q.abandoned {
+            return;
+        }
+        q.dropped += (q.buf.len() + q.writing) as u64;
+        q.buf.clear();
+        q.writing = 0;
+        q.abandoned = true;
+        q.closed = true;
+        drop(q);
+        self.shared.filled.notify_one();
+    }
+}
+
+impl Drop for OutputPump {
+    /// Lets the writer finish what is queued and end, without waiting for it: a VM
+    /// dropped unrun must not hang on its console.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread: hands queued bytes to `sink` in chunks until the queue closes.
+fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        {
+            let mut q = shared.lock();
+            while q.buf.is_empty() && !q.closed {
+                q = shared.filled.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if q.buf.is_empty() {
+                return; // closed and written out
+            }
+            let n = q.buf.len().min(CHUNK);
+            chunk.clear();
+            chunk.extend(q.buf.drain(..n));
+            q.writing = n;
+        }
+        let written = sink.write_all(&chunk).and_then(|()| sink.flush());
+        let mut q = shared.lock();
+        if q.abandoned {
+            return; // counted already; nobody waits for the rest
+        }
+        q.writing = 0;
+        if let Err(e) = written {
+            // A console that went away (closed pipe, full disk) must not stop the
+            // guest: say so once and count the rest as dropped.
+            if !q.broken {
+                log::warn!("serial console output failed, discarding from now on: {e}");
+            }
+            q.broken = true;
+            q.dropped += (chunk.len() + q.buf.len()) as u64;
+            q.buf.clear();
+        }
+        drop(q);
+        shared.emptied.notify_all();
     }
 }

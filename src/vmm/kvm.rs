@@ -46,7 +46,7 @@ pub enum KvmError {
     Missing,
     /// Opening it was refused.
     #[error(
-        "permission denied opening /dev/kvm: add your user to its group (ls -l /dev/kvm; usually `sudo usermod -aG kvm $USER`, then log in again) or run as root"
+        "permission denied opening /dev/kvm: add your user to its group (ls -l /dev/kvm; usually `sudo usermod -aG kvm $USER`, then log in again), or on a CI runner open it with a udev rule (KERNEL==\"kvm\", MODE=\"0666\" in /etc/udev/rules.d/99-kvm.rules, then `udevadm trigger --name-match=kvm`), or run as root"
     )]
     Permission,
     /// Any other failure to open it.
@@ -94,21 +94,45 @@ pub enum KvmFlavor {
     HardwareAmd,
     /// PVM (kvm_pvm): no hardware virtualization, guest ring 0 is emulated.
     Pvm,
-    /// None of the known modules is visible.
+    /// /dev/kvm answers, but neither as VT-x/AMD-V nor as PVM.
     Unknown,
+    /// There is no usable /dev/kvm.
+    Absent,
 }
 
+/// CPUID leaf 0's EBX for "AuthenticAMD" ("Auth") and "GenuineIntel" ("Genu").
+const CPUID_VENDOR_AMD_EBX: u32 = u32::from_le_bytes(*b"Auth");
+const CPUID_VENDOR_INTEL_EBX: u32 = u32::from_le_bytes(*b"Genu");
+
 impl KvmFlavor {
-    /// Detects the flavour from the loaded modules (/sys/module/kvm_*). PVM is
-    /// checked first: it can be loaded beside kvm_amd/kvm_intel without using them.
+    /// Opens /dev/kvm and asks it which implementation it is ([`KvmFlavor::of`]).
     pub fn detect() -> KvmFlavor {
-        let loaded = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
-        if loaded("kvm_pvm") {
+        match Kvm::new() {
+            Ok(kvm) => KvmFlavor::of(&kvm),
+            Err(_) => KvmFlavor::Absent,
+        }
+    }
+
+    /// Asks an open KVM what it is. The VT-x and AMD-V back ends can run a guest's
+    /// own guests and save their state, so KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE)
+    /// returns the size of that state (non-zero even when nesting is off); PVM,
+    /// which runs guests without hardware virtualization, returns 0. The vendor is
+    /// the host CPU's, from KVM_GET_SUPPORTED_CPUID leaf 0. A KVM without nested
+    /// state is called PVM only when the kvm_pvm module is loaded.
+    pub fn of(kvm: &Kvm) -> KvmFlavor {
+        if kvm.check_extension_int(Cap::NestedState) > 0 {
+            let vendor = kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .ok()
+                .and_then(|c| c.as_slice().iter().find(|e| e.function == 0).map(|e| e.ebx));
+            return match vendor {
+                Some(CPUID_VENDOR_AMD_EBX) => KvmFlavor::HardwareAmd,
+                Some(CPUID_VENDOR_INTEL_EBX) => KvmFlavor::HardwareIntel,
+                _ => KvmFlavor::Unknown,
+            };
+        }
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
             KvmFlavor::Pvm
-        } else if loaded("kvm_intel") {
-            KvmFlavor::HardwareIntel
-        } else if loaded("kvm_amd") {
-            KvmFlavor::HardwareAmd
         } else {
             KvmFlavor::Unknown
         }
@@ -129,8 +153,9 @@ impl KvmFlavor {
                 "PVM (kvm_pvm, no VT-x/AMD-V): guest user code runs natively but guest kernel (ring-0) code is emulated instruction by instruction, ~10,000x slower, and XSAVE and software interrupts (int n, int3) cannot be emulated. Tiny guests (guest/) run in milliseconds; a Linux kernel prints its early boot lines and then stops with an emulation failure"
             }
             KvmFlavor::Unknown => {
-                "unknown KVM implementation (no kvm_intel, kvm_amd or kvm_pvm module visible)"
+                "unknown KVM implementation: it keeps no nested vCPU state (so not VT-x/AMD-V) and kvm_pvm is not loaded"
             }
+            KvmFlavor::Absent => "no usable /dev/kvm",
         }
     }
 }

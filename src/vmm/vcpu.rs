@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_msr_entry};
+use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -196,6 +196,107 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u32, count: u32) {
             _ => {}
         }
     }
+    keep_xsave_consistent(cpuid.as_mut_slice());
+}
+
+/// CPUID leaf 1 ECX bit 26: XSAVE/XRSTOR/XSETBV and XCR0 exist.
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+/// CPUID leaf 0xD: the XSAVE state components (Intel SDM vol. 1, 13.2).
+const LEAF_XSTATE: u32 = 0xd;
+/// XSAVE's legacy region (512 bytes) plus its header (64): the standard-format
+/// area of x87 and SSE state alone, the least 0xD.0 ECX can say.
+const XSAVE_LEGACY_AND_HEADER: u32 = 576;
+
+/// A CPUID feature flag: (leaf, register, bit), leaf 7 being subleaf 0.
+#[derive(Clone, Copy, Debug)]
+enum Flag {
+    Leaf1Ecx(u32),
+    Leaf7Ebx(u32),
+    Leaf7Ecx(u32),
+    Leaf7Edx(u32),
+}
+
+/// The XCR0 state components past x87 and SSE (which every x86-64 has) and the
+/// feature flag that enables each, paired as Linux pairs them
+/// (arch/x86/kernel/fpu/xstate.c, xsave_cpuid_features\[\]): a guest kernel drops a
+/// component whose flag it does not see, then checks 0xD's sizes against what is
+/// left and warns "XSAVE consistency problem" when they differ.
+const XSTATE_FLAGS: [(u32, Flag); 9] = [
+    (2, Flag::Leaf1Ecx(28)),  // YMM: AVX
+    (3, Flag::Leaf7Ebx(14)),  // BNDREGS: MPX
+    (4, Flag::Leaf7Ebx(14)),  // BNDCSR: MPX
+    (5, Flag::Leaf7Ebx(16)),  // opmask: AVX512F
+    (6, Flag::Leaf7Ebx(16)),  // ZMM_Hi256: AVX512F
+    (7, Flag::Leaf7Ebx(16)),  // Hi16_ZMM: AVX512F
+    (9, Flag::Leaf7Ecx(3)),   // PKRU: PKU
+    (17, Flag::Leaf7Edx(24)), // XTILECFG: AMX-TILE
+    (18, Flag::Leaf7Edx(24)), // XTILEDATA: AMX-TILE
+];
+
+/// Makes leaf 0xD agree with the feature flags the guest is shown: a VMM must not
+/// offer an XSAVE state component whose enabling flag it hides, and 0xD.0 ECX (the
+/// XSAVE area size for every component XCR0 may enable) must fit what is offered.
+///
+/// KVM_GET_SUPPORTED_CPUID does not guarantee this: PVM's hides XSAVE itself (leaf
+/// 1 ECX bit 26), AVX (bit 28) and PKU (leaf 7 ECX bit 3) yet lists x87|SSE|YMM|PKRU
+/// (0x207) in 0xD.0 EAX. So: with XSAVE hidden, 0xD is emptied; otherwise each
+/// component in [`XSTATE_FLAGS`] whose flag is clear leaves 0xD.0 EAX/EDX and its
+/// own subleaf is zeroed, and 0xD.0 ECX becomes the end of the highest component
+/// left (offset 0xD.n EBX + size 0xD.n EAX, standard format). 0xD.0 EBX and 0xD.1
+/// EBX (sizes for the XCR0 and XSS in force) are KVM's: it rewrites them whenever
+/// the guest's XCR0 or XSS changes (kvm_update_cpuid_runtime); here they are only
+/// capped to the new maximum.
+pub fn keep_xsave_consistent(entries: &mut [kvm_cpuid_entry2]) {
+    let find = |entries: &[kvm_cpuid_entry2], function: u32, index: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .copied()
+            .unwrap_or_default()
+    };
+    let leaf1 = find(entries, 1, 0);
+    let leaf7 = find(entries, 7, 0);
+    let shown = |flag: Flag| {
+        let (reg, bit) = match flag {
+            Flag::Leaf1Ecx(b) => (leaf1.ecx, b),
+            Flag::Leaf7Ebx(b) => (leaf7.ebx, b),
+            Flag::Leaf7Ecx(b) => (leaf7.ecx, b),
+            Flag::Leaf7Edx(b) => (leaf7.edx, b),
+        };
+        reg & (1 << bit) != 0
+    };
+    if leaf1.ecx & LEAF1_ECX_XSAVE == 0 {
+        for e in entries.iter_mut().filter(|e| e.function == LEAF_XSTATE) {
+            (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+        }
+        return;
+    }
+    let hidden = XSTATE_FLAGS
+        .iter()
+        .filter(|(_, flag)| !shown(*flag))
+        .fold(0u64, |m, (component, _)| m | 1 << component);
+    let leaf0 = find(entries, LEAF_XSTATE, 0);
+    let offered = (u64::from(leaf0.edx) << 32 | u64::from(leaf0.eax)) & !hidden;
+    let mut max_size = XSAVE_LEGACY_AND_HEADER;
+    for e in entries.iter_mut().filter(|e| e.function == LEAF_XSTATE) {
+        // Subleaves 2..=62 describe component n; 0 and 1 are the summaries.
+        if (2..63).contains(&e.index) {
+            if hidden & (1 << e.index) != 0 {
+                (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+            } else if offered & (1 << e.index) != 0 {
+                max_size = max_size.max(e.ebx.saturating_add(e.eax));
+            }
+        }
+    }
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == LEAF_XSTATE && e.index == 0)
+    {
+        e.eax = offered as u32;
+        e.edx = (offered >> 32) as u32;
+        e.ecx = max_size;
+        e.ebx = e.ebx.min(max_size);
+    }
 }
 
 // MSR indices (Intel SDM vol. 4).
@@ -208,10 +309,90 @@ const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 const MSR_K7_HWCR: u32 = 0xc001_0015;
 /// HWCR bit 24, TscFreqSel: the TSC counts at the P0 frequency. Real AMD CPUs since
 /// family 10h have it set, and Linux on an AMD host prints "[Firmware Bug]: TSC doesn't
-/// count with P0 frequency!" when it reads 0. Intel guests never read it. Recent KVMs
-/// accept the bit from userspace; older ones refuse the write, which only costs the
-/// warning, hence it comes last in the list below.
+/// count with P0 frequency!" when it reads 0. Intel guests never read it.
 const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+/// The first Linux release whose KVM accepts TscFreqSel in a write of HWCR (commit
+/// "KVM: x86: Virtualize HWCR.TscFreqSel [bit 24]"). Older KVMs take only 0 and
+/// McStatusWrEn (bit 18), refuse anything else and log "Unhandled WRMSR(0xc0010015)"
+/// in the host's kernel log, once per vCPU.
+const HWCR_TSC_FREQ_SEL_SINCE: (u32, u32) = (6, 7);
+
+/// The MSRs every vCPU starts with, as firmware leaves them, reduced to what this
+/// KVM accepts: an MSR is written only when KVM_GET_MSR_INDEX_LIST names it, and
+/// HWCR only with a value this KVM takes (KVM has no query for the bits of an MSR
+/// it accepts, so that comes from the host kernel's release). A refused write
+/// costs a line in the host's log for every vCPU of every VM: a host running
+/// thousands of VMs must see none.
+#[derive(Debug, Clone)]
+pub struct BootMsrs {
+    entries: Vec<kvm_msr_entry>,
+}
+
+impl BootMsrs {
+    /// Works out the list for this KVM (once per process: it depends only on the
+    /// host).
+    pub fn for_host(kvm: &kvm_ioctls::Kvm) -> Result<BootMsrs, kvm_ioctls::Error> {
+        static PLAN: std::sync::OnceLock<BootMsrs> = std::sync::OnceLock::new();
+        if let Some(p) = PLAN.get() {
+            return Ok(p.clone());
+        }
+        let known = kvm.get_msr_index_list()?;
+        let known = known.as_slice();
+        let hwcr_ok = host_kernel_release().is_some_and(|v| v >= HWCR_TSC_FREQ_SEL_SINCE);
+        let wanted = [
+            (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING, true),
+            (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB, true),
+            (MSR_K7_HWCR, HWCR_TSC_FREQ_SEL, hwcr_ok),
+        ];
+        let entries = wanted
+            .into_iter()
+            .filter(|(index, _, ok)| {
+                let take = *ok && known.contains(index);
+                if !take {
+                    log::debug!("MSR {index:#x} left at KVM's default: this KVM refuses our value");
+                }
+                take
+            })
+            .map(|(index, data, _)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        Ok(PLAN.get_or_init(|| BootMsrs { entries }).clone())
+    }
+
+    /// The MSR indices that will be written, in order.
+    pub fn indices(&self) -> Vec<u32> {
+        self.entries.iter().map(|e| e.index).collect()
+    }
+}
+
+/// The running kernel's release as (major, minor), from uname(2): "6.1.0-41-amd64"
+/// gives (6, 1).
+fn host_kernel_release() -> Option<(u32, u32)> {
+    // SAFETY: utsname is plain bytes; uname(2) fills it and returns 0 on success.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let release: String = u
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    parse_release(&release)
+}
+
+/// "6.18.44-pvm" → (6, 18).
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
 
 /// Sets up vCPU `id`: CPUID, MSRs, FPU, LAPIC, and for the boot vCPU the registers
 /// the boot protocol asks for.
@@ -220,6 +401,7 @@ pub fn configure(
     id: u32,
     count: u32,
     supported_cpuid: &CpuId,
+    msrs: &BootMsrs,
     entry: &EntryPoint,
 ) -> Result<(), VcpuError> {
     let err = |what| move |source| VcpuError::Setup { id, what, source };
@@ -227,27 +409,19 @@ pub fn configure(
     patch_cpuid(&mut cpuid, id, count);
     vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
 
-    let entries = [
-        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
-        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
-        // Last: KVM_SET_MSRS stops at the first MSR it refuses.
-        (MSR_K7_HWCR, HWCR_TSC_FREQ_SEL),
-    ]
-    .map(|(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    });
-    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Setup {
+    let list = Msrs::from_entries(&msrs.entries).map_err(|_| VcpuError::Setup {
         id,
         what: "building the MSR list",
         source: kvm_ioctls::Error::new(libc::EINVAL),
     })?;
-    let written = vcpu.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
-    if written != entries.len() {
-        log::debug!(
-            "vCPU {id}: KVM accepted {written} of {} MSRs",
-            entries.len()
+    let written = vcpu.set_msrs(&list).map_err(err("KVM_SET_MSRS"))?;
+    if written != msrs.entries.len() {
+        // KVM_SET_MSRS stops at the first MSR it refuses. These are comforts of
+        // firmware, not something a guest cannot boot without: say so and go on.
+        log::warn!(
+            "vCPU {id}: KVM refused MSR {:#x} (wrote {written} of {})",
+            msrs.entries[written].index,
+            msrs.entries.len()
         );
     }
 
@@ -359,20 +533,25 @@ fn handle_exit(exit: VcpuExit<'_>, id: u32, shared: &VcpuShared) -> Step {
             }
         }
         VcpuExit::MmioRead(addr, data) => {
-            // No MMIO devices of our own: unbacked addresses read as all-ones, like
-            // an empty bus.
-            data.fill(0xff);
-            log::debug!(
-                "vcpu{id} unhandled mmio read {addr:#x} ({} bytes)",
-                data.len()
-            );
+            // Addresses no device owns read as all-ones, like an empty bus.
+            if !shared.devices.mmio.read(addr, data) {
+                log::debug!(
+                    "vcpu{id} unhandled mmio read {addr:#x} ({} bytes)",
+                    data.len()
+                );
+            }
             if trace {
-                log::info!("vcpu{id} mmio-read  {addr:#x} size {}", data.len());
+                log::info!(
+                    "vcpu{id} mmio-read  {addr:#x} size {} -> {data:02x?}",
+                    data.len()
+                );
             }
             Step::Continue(ExitKind::MmioRead)
         }
         VcpuExit::MmioWrite(addr, data) => {
-            log::debug!("vcpu{id} unhandled mmio write {addr:#x} {data:02x?}");
+            if !shared.devices.mmio.write(addr, data) {
+                log::debug!("vcpu{id} unhandled mmio write {addr:#x} {data:02x?}");
+            }
             if trace {
                 log::info!(
                     "vcpu{id} mmio-write {addr:#x} size {} <- {data:02x?}",
@@ -473,6 +652,16 @@ fn failure(vcpu: &VcpuFd, id: u32, reason: String, mem: &GuestMemoryMmap) -> Vcp
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_releases_parse_to_major_minor() {
+        assert_eq!(super::parse_release("6.1.0-41-cloud-amd64"), Some((6, 1)));
+        assert_eq!(super::parse_release("6.18.44"), Some((6, 18)));
+        assert_eq!(super::parse_release("5.15"), Some((5, 15)));
+        assert_eq!(super::parse_release("garbage"), None);
+        assert!((6, 1) < super::HWCR_TSC_FREQ_SEL_SINCE);
+        assert!((6, 18) >= super::HWCR_TSC_FREQ_SEL_SINCE);
+    }
+
     use super::*;
     use kvm_bindings::kvm_cpuid_entry2;
 
@@ -490,5 +679,106 @@ mod tests {
         assert_eq!(e[1].edx, 3);
         assert_eq!(e[2].ecx & 0xff, 3);
         assert_eq!((e[2].ecx >> 12) & 0xf, 2);
+    }
+
+    fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        let [eax, ebx, ecx, edx] = regs;
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    fn regs(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> [u32; 4] {
+        let e = entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap();
+        [e.eax, e.ebx, e.ecx, e.edx]
+    }
+
+    /// Leaf 0xD as an AMD host's KVM reports x87|SSE|YMM|PKRU: YMM (256 bytes at
+    /// 576), PKRU (8 bytes at 2432), 0xD.0 ECX the end of PKRU.
+    fn xstate_leaves() -> Vec<kvm_cpuid_entry2> {
+        vec![
+            leaf(0xd, 0, [0x207, 0x988, 0x988, 0]),
+            leaf(0xd, 1, [0x5, 0, 0, 0]),
+            leaf(0xd, 2, [0x100, 0x240, 0, 0]),
+            leaf(0xd, 9, [0x8, 0x980, 0, 0]),
+        ]
+    }
+
+    #[test]
+    fn xsave_hidden_empties_leaf_0xd() {
+        // PVM's KVM_GET_SUPPORTED_CPUID: leaf 1 ECX without XSAVE or AVX, leaf 7
+        // without PKU, yet 0xD.0 EAX = 0x207.
+        let mut e = vec![leaf(1, 0, [0, 0, 0x8120_2000, 0x078b_fbff])];
+        e.push(leaf(7, 0, [0, 0x0180_0002, 0x4, 0xa800_0000]));
+        e.extend(xstate_leaves());
+        keep_xsave_consistent(&mut e);
+        for index in [0, 1, 2, 9] {
+            assert_eq!(regs(&e, 0xd, index), [0; 4], "0xD.{index}");
+        }
+        assert_eq!(regs(&e, 1, 0)[2], 0x8120_2000, "leaf 1 untouched");
+    }
+
+    #[test]
+    fn a_hidden_flag_takes_its_component_and_size_out_of_leaf_0xd() {
+        let xsave_avx = LEAF1_ECX_XSAVE | 1 << 28;
+        // PKU (leaf 7 ECX bit 3) hidden: PKRU goes, the area ends after YMM.
+        let mut e = vec![leaf(1, 0, [0, 0, xsave_avx, 0]), leaf(7, 0, [0; 4])];
+        e.extend(xstate_leaves());
+        keep_xsave_consistent(&mut e);
+        assert_eq!(regs(&e, 0xd, 0), [0x7, 0x340, 0x340, 0]);
+        assert_eq!(regs(&e, 0xd, 2), [0x100, 0x240, 0, 0]);
+        assert_eq!(regs(&e, 0xd, 9), [0; 4]);
+        assert_eq!(regs(&e, 0xd, 1), [0x5, 0, 0, 0], "0xD.1 is KVM's");
+
+        // AVX hidden as well: x87|SSE alone, 576 bytes (what the Debian kernel's
+        // "XSAVE consistency problem" compares against).
+        let mut e = vec![leaf(1, 0, [0, 0, LEAF1_ECX_XSAVE, 0])];
+        e.extend(xstate_leaves());
+        keep_xsave_consistent(&mut e);
+        assert_eq!(regs(&e, 0xd, 0), [0x3, 0x240, 0x240, 0]);
+        assert_eq!(regs(&e, 0xd, 2), [0; 4]);
+    }
+
+    #[test]
+    fn a_consistent_leaf_0xd_is_left_alone() {
+        // The outer test VM's KVM (QEMU TCG, EPYC-Rome): XSAVE, AVX, no PKU, and
+        // 0xD offers x87|SSE|YMM only; 0xD.0 EBX as KVM set it for XCR0 = x87.
+        let before = vec![
+            leaf(1, 0, [0x0083_0f10, 0, 0xf6f8_3203, 0x178b_fbfd]),
+            leaf(7, 0, [0, 0x0198_01ab, 0x4, 0x2000_0000]),
+            leaf(0xd, 0, [0x7, 0x240, 0x340, 0]),
+            leaf(0xd, 1, [0x5, 0, 0, 0]),
+            leaf(0xd, 2, [0x100, 0x240, 0, 0]),
+        ];
+        let mut after = before.clone();
+        keep_xsave_consistent(&mut after);
+        for b in &before {
+            let want = regs(&before, b.function, b.index);
+            assert_eq!(
+                regs(&after, b.function, b.index),
+                want,
+                "{:#x}.{}",
+                b.function,
+                b.index
+            );
+        }
+    }
+
+    #[test]
+    fn patch_cpuid_keeps_xsave_consistent() {
+        let mut e = vec![leaf(1, 0, [0, 0, LEAF1_ECX_XSAVE, 0])];
+        e.extend(xstate_leaves());
+        let mut cpuid = CpuId::from_entries(&e).unwrap();
+        patch_cpuid(&mut cpuid, 0, 1);
+        assert_eq!(regs(cpuid.as_slice(), 0xd, 0)[0], 0x3);
     }
 }

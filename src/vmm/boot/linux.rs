@@ -43,8 +43,11 @@ pub fn write_zero_page(
     hdr.cmd_line_ptr = layout::CMDLINE as u32;
     hdr.cmdline_size = config.cmdline.len() as u32;
     if let Some((addr, size)) = info.initrd {
-        hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = size as u32;
+        // Placed below 3 GiB by load_initrd; never truncated silently all the same.
+        let field =
+            |what, value: u64| u32::try_from(value).map_err(|_| BootError::Field32 { what, value });
+        hdr.ramdisk_image = field("initrd address", addr)?;
+        hdr.ramdisk_size = field("initrd size", size)?;
     }
     let map = memory_map(config.memory_mib);
     for (slot, e) in params.e820_table.iter_mut().zip(&map) {

@@ -11,6 +11,7 @@
 //!   identity page tables and RSI = boot_params, as Firecracker does.
 
 pub mod acpi;
+pub mod elf;
 pub mod linux;
 pub mod mptable;
 pub mod pvh;
@@ -25,6 +26,8 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::config::VmConfig;
+use super::devices::mmio::MmioSlot;
+use super::hostfile;
 use super::memory::{layout, low_ram_end};
 
 /// Where and how the boot vCPU starts executing the kernel.
@@ -70,7 +73,8 @@ pub struct BootInfo {
 /// Errors loading a kernel or describing the machine to it.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The kernel or initrd file could not be opened or read.
+    /// The kernel or initrd file could not be opened or read, or is not a regular
+    /// file (see [`hostfile::open_regular`]).
     #[error("cannot read {what} {path}: {source}")]
     Read {
         /// "kernel" or "initrd".
@@ -110,6 +114,29 @@ pub enum BootError {
         /// What linux-loader reported.
         detail: String,
     },
+    /// The kernel (an ELF's segments with their zero-filled parts, p_memsz; a
+    /// bzImage's protected-mode code) reaches past the RAM the boot protocols can use.
+    #[error(
+        "kernel {path} ends at {end:#x} (where it loads plus its size, zero-filled parts included), beyond the VM's RAM, which ends at {ram_end:#x} below the 32-bit MMIO gap: give the VM more --memory, or check the file (a kernel usually ends a few MiB above 1 MiB)"
+    )]
+    KernelBeyondRam {
+        /// The file.
+        path: PathBuf,
+        /// First byte after the kernel, as its headers say.
+        end: u64,
+        /// End of the RAM the kernel may use.
+        ram_end: u64,
+    },
+    /// A boot structure field is 32 bits wide and the value does not fit.
+    #[error(
+        "the {what} ({value:#x}) does not fit the boot protocol's 32-bit field (a minivmm bug: please report it)"
+    )]
+    Field32 {
+        /// Which field.
+        what: &'static str,
+        /// The value.
+        value: u64,
+    },
     /// The initrd does not fit in guest memory next to the kernel.
     #[error(
         "initrd {path} ({size_mib} MiB) does not fit in guest memory: at most {room_mib} MiB are free below {limit:#x}. Give the VM more --memory"
@@ -141,6 +168,9 @@ pub enum BootError {
     /// The ACPI tables could not be built.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// An ELF kernel's program headers describe segments this VM cannot load.
+    #[error(transparent)]
+    Elf(#[from] Box<elf::ElfError>),
 }
 
 /// ELF machine number for x86-64 (System V ABI, e_machine).
@@ -153,18 +183,25 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 const MIN_BOOT_PROTOCOL: u16 = 0x020c;
 
 /// Loads the kernel, initrd and cmdline from `config` into `mem` and writes every
-/// boot structure (GDT, page tables, zero page or start_info, MP table).
-pub fn load(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<BootInfo, BootError> {
-    let mut kernel = File::open(&config.kernel).map_err(|source| BootError::Read {
+/// boot structure (GDT, page tables, zero page or start_info, MP table, ACPI
+/// tables). The MMIO `devices` are described to the guest twice: on the command
+/// line (`virtio_mmio.device=`, appended to the user's) and in the DSDT.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    devices: &[MmioSlot],
+) -> Result<BootInfo, BootError> {
+    let mut kernel = hostfile::open_regular(&config.kernel).map_err(|source| BootError::Read {
         what: "kernel",
         path: config.kernel.clone(),
         source,
     })?;
     let format = detect_format(&mut kernel, &config.kernel)?;
     let (entry, kernel_end, header) = match format {
-        KernelFormat::BzImage => load_bzimage(mem, &mut kernel, &config.kernel)?,
-        _ => load_elf(mem, &mut kernel, &config.kernel)?,
+        KernelFormat::BzImage => load_bzimage(mem, &mut kernel, &config.kernel, config.memory_mib)?,
+        _ => load_elf(mem, &mut kernel, &config.kernel, config.memory_mib)?,
     };
+    check_kernel_end(&config.kernel, kernel_end, config.memory_mib)?;
     let format = match entry {
         EntryPoint::Pvh { .. } => KernelFormat::ElfPvh,
         EntryPoint::Linux64 { .. } if format == KernelFormat::BzImage => format,
@@ -180,13 +217,18 @@ pub fn load(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<BootInfo, BootEr
         .map(|h| h.cmdline_size as usize)
         .unwrap_or(layout::CMDLINE_MAX)
         .min(layout::CMDLINE_MAX - 1);
-    if config.cmdline.len() > cmdline_max {
+    let mut cmdline = config.cmdline.clone();
+    for d in devices {
+        cmdline.push(' ');
+        cmdline.push_str(&d.cmdline_arg());
+    }
+    if cmdline.len() > cmdline_max {
         return Err(BootError::CmdlineTooLong {
-            len: config.cmdline.len(),
+            len: cmdline.len(),
             max: cmdline_max,
         });
     }
-    let mut cmdline = config.cmdline.clone().into_bytes();
+    let mut cmdline = cmdline.into_bytes();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(layout::CMDLINE))
         .map_err(|_| BootError::Write("command line"))?;
@@ -209,7 +251,7 @@ pub fn load(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<BootInfo, BootEr
     x86::write_gdt(mem)?;
     x86::write_page_tables(mem)?;
     mptable::write(mem, config.vcpus)?;
-    acpi::write(mem, config.vcpus)?;
+    acpi::write(mem, config.vcpus, devices)?;
     let info = BootInfo {
         format,
         entry,
@@ -221,6 +263,32 @@ pub fn load(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<BootInfo, BootEr
         EntryPoint::Linux64 { .. } => linux::write_zero_page(mem, config, &info, header)?,
     }
     Ok(info)
+}
+
+/// Refuses a kernel that does not end inside the RAM below the 32-bit MMIO gap.
+///
+/// linux-loader checks only the bytes it copies (p_filesz); the end it reports counts
+/// each segment's zero-filled tail too (p_memsz, the kernel's bss), straight from the
+/// file. Every later address (the initrd's lower bound, for one) is computed from it,
+/// so a file claiming to end at 2^64 - 1 made that arithmetic wrap. Kernels are loaded
+/// low (1 MiB and up; PVH enters in 32-bit mode, and the 64-bit entry's page tables map
+/// the first 4 GiB), so the bound is the end of low RAM.
+fn check_kernel_end(path: &Path, kernel_end: u64, memory_mib: u64) -> Result<(), BootError> {
+    let ram_end = low_ram_end(memory_mib);
+    if kernel_end == 0 {
+        return Err(BootError::NotAKernel {
+            path: path.to_path_buf(),
+            why: "it has no loadable segment with data (PT_LOAD with p_filesz > 0)".into(),
+        });
+    }
+    if kernel_end > ram_end {
+        return Err(BootError::KernelBeyondRam {
+            path: path.to_path_buf(),
+            end: kernel_end,
+            ram_end,
+        });
+    }
+    Ok(())
 }
 
 fn read_err(path: &Path) -> impl Fn(std::io::Error) -> BootError + '_ {
@@ -277,21 +345,32 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Loads an ELF kernel with linux-loader, once [`elf::check`] has bounded every
+/// segment by the file and the VM's RAM, through a reader that pins the headers it
+/// checked. The end returned counts zero-filled segments (p_filesz 0) too, which
+/// linux-loader leaves out, so that nothing is placed over the kernel's bss.
 fn load_elf(
     mem: &GuestMemoryMmap,
     f: &mut File,
     path: &Path,
+    memory_mib: u64,
 ) -> Result<(EntryPoint, u64, Option<setup_header>), BootError> {
     let file_len = f.metadata().map_err(read_err(path))?.len();
-    let res = Elf::load(mem, None, f, Some(GuestAddress(layout::HIMEM)))
-        .map_err(|e| elf_error(e, path, file_len))?;
+    let checked = elf::check(f, path, file_len, memory_mib).map_err(Box::new)?;
+    let res = Elf::load(
+        mem,
+        None,
+        &mut checked.pinned(f),
+        Some(GuestAddress(layout::HIMEM)),
+    )
+    .map_err(|e| elf_error(e, path, file_len))?;
     let entry = match res.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(a) => EntryPoint::Pvh { addr: a.0 },
         _ => EntryPoint::Linux64 {
             addr: res.kernel_load.0,
         },
     };
-    Ok((entry, res.kernel_end, None))
+    Ok((entry, checked.kernel_end.max(res.kernel_end), None))
 }
 
 /// Turns linux-loader's terse errors into ones that say what is wrong with the file.
@@ -305,7 +384,7 @@ fn elf_error(e: linux_loader::loader::Error, path: &Path, file_len: u64) -> Boot
         ) => BootError::Truncated {
             path,
             have: file_len,
-            need: file_len + 1,
+            need: file_len.saturating_add(1),
         },
         L::Elf(E::InvalidEntryAddress) => BootError::NotAKernel {
             path,
@@ -326,6 +405,7 @@ fn load_bzimage(
     mem: &GuestMemoryMmap,
     f: &mut File,
     path: &Path,
+    memory_mib: u64,
 ) -> Result<(EntryPoint, u64, Option<setup_header>), BootError> {
     let file_len = f.metadata().map_err(read_err(path))?.len();
     let mut raw = [0u8; std::mem::size_of::<setup_header>()];
@@ -350,7 +430,8 @@ fn load_bzimage(
         });
     }
     // setup_sects 0 means 4 (boot.rst); the protected-mode code follows the setup
-    // sectors and is syssize 16-byte paragraphs long.
+    // sectors and is syssize 16-byte paragraphs long. (A u8 and a u32 widened to u64:
+    // at most 2^37, no overflow.)
     let setup_sects = if hdr.setup_sects == 0 {
         4
     } else {
@@ -364,6 +445,10 @@ fn load_bzimage(
             need,
         });
     }
+    // linux-loader copies everything after the setup sectors to 1 MiB: refuse a file
+    // that cannot fit before reading it, rather than after reading RAM-full of it.
+    let payload = file_len.saturating_sub((u64::from(setup_sects) + 1) * 512);
+    check_kernel_end(path, layout::HIMEM.saturating_add(payload), memory_mib)?;
     let load_addr = GuestAddress(layout::HIMEM);
     let res =
         BzImage::load(mem, Some(load_addr), f, None).map_err(|e| BootError::KernelTooBig {
@@ -393,19 +478,23 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(rerr)?;
+    let mut f = hostfile::open_regular(path).map_err(rerr)?;
     let size = f.metadata().map_err(rerr)?.len();
     let limit = low_ram_end(memory_mib).min(initrd_max.saturating_add(1));
-    let floor = kernel_end.next_multiple_of(4096);
-    let too_big = || BootError::InitrdTooBig {
+    let too_big = |floor: u64| BootError::InitrdTooBig {
         path: path.to_path_buf(),
         size_mib: size.div_ceil(1 << 20),
         room_mib: limit.saturating_sub(floor) >> 20,
         limit,
     };
-    let addr = limit.checked_sub(size).ok_or_else(too_big)? & !0xfff;
+    // check_kernel_end keeps kernel_end below 3 GiB; checked all the same, as every
+    // address derived from the kernel file is.
+    let floor = kernel_end
+        .checked_next_multiple_of(4096)
+        .ok_or_else(|| too_big(kernel_end))?;
+    let addr = limit.checked_sub(size).ok_or_else(|| too_big(floor))? & !0xfff;
     if addr < floor {
-        return Err(too_big());
+        return Err(too_big(floor));
     }
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(|_| rerr(std::io::Error::other("file shrank while reading")))?;

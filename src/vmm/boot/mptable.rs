@@ -137,10 +137,10 @@ mod tests {
     use super::*;
     use crate::vmm::memory::create_guest_memory;
 
-    #[test]
-    fn checksums_and_cpu_count() {
-        let mem = create_guest_memory(32).unwrap();
-        write(&mem, 4).unwrap();
+    /// Reads back the table written for `vcpus`: both checksums, the entry count, and
+    /// every entry, walked by its type's length. Returns the processor entries' APIC
+    /// IDs and flags in order.
+    fn read_back(mem: &GuestMemoryMmap, vcpus: u32) -> Vec<(u8, u8)> {
         let mut fp = [0u8; 16];
         mem.read_slice(&mut fp, GuestAddress(layout::MPTABLE))
             .unwrap();
@@ -149,18 +149,50 @@ mod tests {
         let addr = u32::from_le_bytes(fp[4..8].try_into().unwrap()) as u64;
         let mut hdr = [0u8; 44];
         mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
+        assert_eq!(&hdr[..4], b"PCMP");
         let len = u16::from_le_bytes([hdr[4], hdr[5]]) as usize;
+        let count = u16::from_le_bytes([hdr[34], hdr[35]]) as usize;
         let mut ct = vec![0u8; len];
         mem.read_slice(&mut ct, GuestAddress(addr)).unwrap();
         assert_eq!(ct.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
-        let cpus = ct[44..].chunks(1).take(4 * 20).step_by(20);
-        assert_eq!(cpus.filter(|b| b[0] == ENTRY_PROCESSOR).count(), 4);
+        let (mut at, mut seen, mut cpus) = (44, 0, Vec::new());
+        while at < len {
+            let size = match ct[at] {
+                ENTRY_PROCESSOR => {
+                    cpus.push((ct[at + 1], ct[at + 3]));
+                    20
+                }
+                ENTRY_BUS | ENTRY_IOAPIC | ENTRY_IO_INTERRUPT | ENTRY_LOCAL_INTERRUPT => 8,
+                other => panic!("{vcpus} vCPUs: unknown entry type {other} at {at}"),
+            };
+            at += size;
+            seen += 1;
+        }
+        assert_eq!(at, len, "{vcpus} vCPUs: the last entry overruns the table");
+        assert_eq!(seen, count, "{vcpus} vCPUs: entry count in the header");
+        cpus
+    }
+
+    #[test]
+    fn checksums_and_cpu_count() {
+        for vcpus in [1, 2, 4, 64, 254] {
+            let mem = create_guest_memory(32).unwrap();
+            write(&mem, vcpus).unwrap();
+            let cpus = read_back(&mem, vcpus);
+            assert_eq!(cpus.len(), vcpus as usize, "processor entries");
+            for (i, (apic_id, flags)) in cpus.into_iter().enumerate() {
+                assert_eq!(apic_id as usize, i, "{vcpus} vCPUs: APIC ID of CPU {i}");
+                let want = CPU_ENABLED | if i == 0 { CPU_BOOTSTRAP } else { 0 };
+                assert_eq!(flags, want, "{vcpus} vCPUs: flags of CPU {i}");
+            }
+        }
     }
 
     #[test]
     fn max_vcpus_fit() {
         let mem = create_guest_memory(32).unwrap();
         assert!(write(&mem, 254).is_ok());
+        assert_eq!(read_back(&mem, 254).len(), 254);
         assert!(matches!(write(&mem, 4000), Err(MpTableError::TooBig(4000))));
     }
 }

@@ -118,7 +118,7 @@ fn enter_sleep_state(slp_typ: u8, register: &str) -> Option<DeviceEvent> {
         log::debug!("guest entered S5 through {register}: power off");
         return Some(DeviceEvent::Poweroff);
     }
-    log::warn!(
+    crate::vmm::ratelimit::warn_limited!(
         "guest asked for sleep type {slp_typ} through {register}; only S5 ({S5_SLP_TYP}) is supported, ignored"
     );
     None

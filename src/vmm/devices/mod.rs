@@ -6,16 +6,19 @@
 //! | ports       | device                                        |
 //! |-------------|-----------------------------------------------|
 //! | 0x3f8-0x3ff | COM1, a 16550 UART (vm-superio), IRQ 4        |
-//! | 0x60, 0x64  | i8042 keyboard controller: only its reset line|
+//! | 0x60, 0x64  | i8042 PS/2 controller, keyboard; IRQ 1, 12    |
 //! | 0x70, 0x71  | CMOS RAM and real-time clock (host UTC time)  |
 //! | 0xf4-0xf7   | isa-debug-exit, as QEMU's                     |
 //! | 0x600-0x607 | ACPI PM1a and sleep registers: S5 powers off  |
 //! | anything else | reads all-ones, writes dropped (debug log)  |
+//!
+//! Memory-mapped devices (virtio) live on the [`mmio::MmioBus`], from 0xd0000000.
 
 pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
+pub mod mmio;
 pub mod serial;
 
 use std::sync::Mutex;
@@ -27,7 +30,7 @@ pub use serial::{Console, ConsoleStats};
 pub enum DeviceEvent {
     /// isa-debug-exit was written this value.
     DebugExit(u32),
-    /// The guest pulsed the reset line (i8042 command 0xfe).
+    /// The guest pulsed the reset line (i8042 command 0xfe, or output port bit 0 cleared).
     Reset,
     /// The guest entered ACPI S5 (soft off) through the FADT's registers.
     Poweroff,
@@ -42,10 +45,14 @@ pub const COM1_IRQ: u32 = 4;
 pub struct Devices {
     /// COM1. A mutex because any vCPU may touch it and the stdin thread feeds it.
     pub serial: Mutex<serial::Com1>,
+    /// The i8042 keyboard controller and its keyboard.
+    pub i8042: Mutex<i8042::I8042>,
     /// CMOS RAM and clock.
     pub cmos: Mutex<cmos::Cmos>,
     /// ACPI power management registers (power-off).
     pub acpi_pm: acpi_pm::AcpiPm,
+    /// The memory-mapped devices.
+    pub mmio: mmio::MmioBus,
 }
 
 impl Devices {
@@ -57,7 +64,7 @@ impl Devices {
                 data.fill(0);
                 data[0] = v;
             }
-            i8042::DATA_PORT | i8042::COMMAND_PORT => i8042::read(port, data),
+            i8042::DATA_PORT | i8042::COMMAND_PORT => lock(&self.i8042).read(port, data),
             cmos::INDEX_PORT | cmos::DATA_PORT => lock(&self.cmos).read(port, data),
             acpi_pm::PORT..=acpi_pm::PORT_END => self.acpi_pm.read(port, data),
             _ => {
@@ -75,12 +82,12 @@ impl Devices {
                 // A `rep outsb` arrives as several bytes at once: each is one write.
                 for b in data {
                     if let Err(e) = com1.write((port - COM1_BASE) as u8, *b) {
-                        log::warn!("serial console: {e:?}");
+                        crate::vmm::ratelimit::warn_limited!("serial console: {e:?}");
                     }
                 }
                 None
             }
-            i8042::DATA_PORT | i8042::COMMAND_PORT => i8042::write(port, data),
+            i8042::DATA_PORT | i8042::COMMAND_PORT => lock(&self.i8042).write(port, data),
             debug_exit::PORT..=debug_exit::PORT_END => debug_exit::write(data),
             cmos::INDEX_PORT | cmos::DATA_PORT => {
                 lock(&self.cmos).write(port, data);

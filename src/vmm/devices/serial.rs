@@ -8,6 +8,8 @@ use std::time::Instant;
 use vm_superio::{Serial, Trigger, serial::NoEvents};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vmm::console::OutputPump;
+
 /// COM1 as the VM sees it.
 pub type Com1 = Serial<IrqTrigger, NoEvents, Console>;
 
@@ -28,53 +30,74 @@ pub struct ConsoleStats {
     pub first_byte: Option<Instant>,
     /// Bytes the guest wrote.
     pub bytes: u64,
+    /// Of those, bytes that never reached the console's sink: the sink was too slow
+    /// (or nobody read it), failed, or still held them when the VM ended.
+    pub dropped: u64,
 }
 
-/// The UART's output side: forwards guest bytes to a sink and counts them.
+/// The UART's output side: hands guest bytes to an [`OutputPump`] and counts them.
+/// Writing never waits for the sink, so a console nobody reads cannot stall a vCPU.
 pub struct Console {
-    sink: Box<dyn Write + Send>,
-    /// What has been written so far.
-    pub stats: ConsoleStats,
-    broken: bool,
+    /// None when the output is discarded (no console).
+    pump: Option<OutputPump>,
+    first_byte: Option<Instant>,
+    bytes: u64,
 }
 
 impl Console {
-    /// A console writing to `sink`.
-    pub fn new(sink: Box<dyn Write + Send>) -> Console {
+    /// A console writing to `sink` through its own writer thread.
+    pub fn new(sink: Box<dyn Write + Send>) -> io::Result<Console> {
+        Ok(Console {
+            pump: Some(OutputPump::start(sink)?),
+            first_byte: None,
+            bytes: 0,
+        })
+    }
+
+    /// A console whose output nobody wants: counted, then discarded, with no thread.
+    pub fn discard() -> Console {
         Console {
-            sink,
-            stats: ConsoleStats::default(),
-            broken: false,
+            pump: None,
+            first_byte: None,
+            bytes: 0,
         }
+    }
+
+    /// What has been written so far.
+    pub fn stats(&self) -> ConsoleStats {
+        ConsoleStats {
+            first_byte: self.first_byte,
+            bytes: self.bytes,
+            dropped: self.pump.as_ref().map_or(0, OutputPump::dropped),
+        }
+    }
+
+    /// The output pump, to drain or abandon at the VM's end; None without a sink.
+    pub fn pump(&self) -> Option<&OutputPump> {
+        self.pump.as_ref()
     }
 }
 
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.stats.first_byte.is_none() {
-            self.stats.first_byte = Some(Instant::now());
+        if self.first_byte.is_none() {
+            self.first_byte = Some(Instant::now());
         }
-        self.stats.bytes += buf.len() as u64;
-        // A console that went away (closed pipe, full disk) must not stop the guest:
-        // warn once and discard from then on.
-        if !self.broken
-            && let Err(e) = self.sink.write_all(buf)
-        {
-            log::warn!("serial console output failed, discarding from now on: {e}");
-            self.broken = true;
+        self.bytes += buf.len() as u64;
+        if let Some(p) = &self.pump {
+            p.push(buf);
         }
         Ok(buf.len())
     }
 
+    /// Nothing to do: the writer thread flushes the sink after each write. (The UART
+    /// model flushes after every byte; passing that on would cost a syscall a byte.)
     fn flush(&mut self) -> io::Result<()> {
-        if !self.broken && self.sink.flush().is_err() {
-            self.broken = true;
-        }
         Ok(())
     }
 }
 
-/// Builds COM1 with its interrupt eventfd and output sink.
-pub fn new_com1(irq: EventFd, sink: Box<dyn Write + Send>) -> Com1 {
-    Serial::new(IrqTrigger(irq), Console::new(sink))
+/// Builds COM1 with its interrupt eventfd and output console.
+pub fn new_com1(irq: EventFd, console: Console) -> Com1 {
+    Serial::new(IrqTrigger(irq), console)
 }
