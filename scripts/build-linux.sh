@@ -4,7 +4,7 @@
 # Usage: scripts/build-linux.sh [--variant mpparse|acpi]
 #
 #   mpparse (default)  tinyconfig + scripts/linux/minimal.config: CPUs found
-#                      through the MP table (the config in shared/KVM-HERE.md)
+#                      through the MP table (the everyday test kernel)
 #   acpi               the same + scripts/linux/acpi.config: ACPI on and the
 #                      MP-table parser off, like Debian's kernels (MADT only)
 #

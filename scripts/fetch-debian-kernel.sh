@@ -13,12 +13,19 @@
 #   vmlinuz   the bzImage as Debian ships it (boot/vmlinuz-*)
 #   vmlinux   its ELF kernel, decompressed from the bzImage payload: it has
 #             the PVH note, so it can be booted through PVH and skips the
-#             decompressor (slow where ring 0 is emulated, see KVM-HERE.md)
+#             decompressor (slow where ring 0 is emulated: PVM, see README)
 #   config    Debian's kernel config (boot/config-*)
-# Last lines on stdout: `vmlinuz=PATH`, then `vmlinux=PATH` unless --no-vmlinux.
+#   modules/  the package's KVM modules: irqbypass.ko, kvm.ko, kvm-amd.ko,
+#             kvm-intel.ko (so this kernel can be a KVM host itself, as in
+#             scripts/test-nested-kvm.sh), and the virtio ones a minivmm
+#             guest needs for --disk, --share and --rng, listed in load order
+#             in modules/virtio.order (for build-initramfs.sh --modules), and
+#             virtio_console.ko and overlay.ko for `minivmm exec --modules`; the
+#             other modules are not kept
+# Last lines on stdout: `vmlinuz=PATH`, then `vmlinux=PATH` unless --no-vmlinux,
+# then `modules=DIR`.
 #
 # This kernel has no X86_MPPARSE: it finds CPUs only through the ACPI MADT.
-# Its modules are not kept (an initramfs from build-initramfs.sh needs none).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -90,6 +97,39 @@ extract_vmlinux() {
 print_outputs() {
     echo "vmlinuz=$1/vmlinuz"
     if [ "$want_vmlinux" = true ]; then echo "vmlinux=$1/vmlinux"; fi
+    echo "modules=$1/modules"
+}
+
+# The modules a KVM host needs, in load order: irqbypass (posted interrupts),
+# kvm (the generic core), then the vendor part.
+kvm_modules=(irqbypass kvm kvm-amd kvm-intel)
+# The guest's virtio modules, in load order (each after what it needs, as
+# modules.dep says): the ring and core, the MMIO transport (found through the
+# DSDT), then the devices. ext4 is built into this kernel.
+virtio_modules=(virtio_ring virtio virtio_mmio virtio_blk virtio-rng fuse virtiofs)
+# What `minivmm exec` adds on top (its channel to the host, and the writable
+# root over the read-only share); its tests give it this directory as --modules.
+exec_modules=(virtio_console overlay)
+
+# Copy the KVM modules out of the unpacked package $1 into $2/modules,
+# decompressing them if the package ships them compressed.
+keep_kvm_modules() { # unpacked-package-root dest-dir
+    local m f
+    rm -rf "$2/modules.tmp"
+    mkdir -p "$2/modules.tmp"
+    for m in "${kvm_modules[@]}" "${virtio_modules[@]}" "${exec_modules[@]}"; do
+        f="$(find "$1/lib/modules" -name "$m.ko*" | head -n 1)"
+        [ -n "$f" ] || die "the kernel package has no $m.ko; Debian's package layout changed"
+        case "$f" in
+            *.ko) cp "$f" "$2/modules.tmp/$m.ko" ;;
+            *.ko.xz) xz -dc "$f" >"$2/modules.tmp/$m.ko" ;;
+            *.ko.zst) ensure_debs zstd; zstd -dcq "$f" >"$2/modules.tmp/$m.ko" ;;
+            *) die "cannot read the module $f (unknown compression)" ;;
+        esac
+    done
+    printf '%s.ko\n' "${virtio_modules[@]}" >"$2/modules.tmp/virtio.order"
+    rm -rf "$2/modules"
+    mv "$2/modules.tmp" "$2/modules"
 }
 
 # Which kernel: the newest in the cache, or the one apt resolves now.
@@ -108,7 +148,8 @@ if [ -z "$dir" ]; then
 fi
 
 lock_or_wait "$base.lock"
-if [ ! -s "$dir/vmlinuz" ]; then
+if [ ! -s "$dir/vmlinuz" ] || [ ! -s "$dir/modules/kvm-amd.ko" ] || [ ! -s "$dir/modules/virtio.order" ] ||
+    [ ! -s "$dir/modules/overlay.ko" ]; then
     pkg="${dir##*/}"; pkg="${pkg%%_*}"
     tmp="$base/.${pkg}.unpacked"
     deb_download_extract "$pkg" "$tmp"
@@ -120,8 +161,9 @@ if [ ! -s "$dir/vmlinuz" ]; then
         cp "$f" "$dir/.vmlinuz.tmp" && mv "$dir/.vmlinuz.tmp" "$dir/vmlinuz"
         found=true
     done
+    [ "$found" = true ] || { rm -rf "$tmp"; die "$pkg has no boot/vmlinuz-*; Debian's package layout changed"; }
+    keep_kvm_modules "$tmp" "$dir"
     rm -rf "$tmp"
-    [ "$found" = true ] || die "$pkg has no boot/vmlinuz-*; Debian's package layout changed"
     log "fetched $pkg into $dir"
 fi
 if [ "$want_vmlinux" = true ] && [ ! -s "$dir/vmlinux" ]; then

@@ -125,3 +125,96 @@ has_pvh_note() {
     notes="$(readelf -n "$1" 2>/dev/null)" || return 1
     grep -qE '^ *Xen .*(note type: \(0x00000012\)|PHYS32_ENTRY)' <<<"$notes"
 }
+
+# The busybox-static version to use: the newest already in the cache CACHE
+# (fast, offline), else the one apt would fetch.
+busybox_version() { # cache
+    local v
+    v="$(find "$1" -maxdepth 3 -path "$1/busybox-static-*/bin/busybox" 2>/dev/null |
+        sed -e "s|^$1/busybox-static-||" -e 's|/bin/busybox$||' | sort -V | tail -n 1)"
+    if [ -z "$v" ]; then
+        apt_need_lists busybox-static
+        v="$(deb_candidate_version busybox-static)"
+    fi
+    printf '%s\n' "$v"
+}
+
+# Path of a static busybox of VERSION under CACHE, fetched from Debian's
+# busybox-static package once per version.
+fetch_busybox() { # cache version
+    local dir="$1/busybox-static-$2"
+    if [ ! -x "$dir/bin/busybox" ]; then
+        lock_or_wait "$1/busybox.lock"
+        [ -x "$dir/bin/busybox" ] || deb_download_extract busybox-static "$dir"
+        [ -x "$dir/bin/busybox" ] || die "busybox-static $2 has no bin/busybox; Debian's package layout changed"
+    fi
+    printf '%s\n' "$dir/bin/busybox"
+}
+
+# Put BUSYBOX into ROOT/bin with one symlink per applet it lists.
+install_busybox() { # busybox root
+    mkdir -p "$2/bin"
+    cp "$1" "$2/bin/busybox"
+    "$1" --list | while IFS= read -r applet; do
+        [ "$applet" = busybox ] || ln -sf busybox "$2/bin/$applet"
+    done
+}
+
+# Write the newc cpio archive of the directory ROOT to stdout, owned by root,
+# with /dev/console (char 5:1) first: the kernel opens it for /init's stdio.
+# The device entry is written by hand so that no mknod (no root) is needed.
+# newc format: "070701", 13 fields of 8 hex digits, the name, NUL, padding to 4.
+initramfs_cpio() { # root
+    _newc_entry dev $((0040755)) 0 0
+    _newc_entry dev/console $((0020600)) 5 1
+    _newc_entry 'TRAILER!!!' 0 0 0
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort |
+        cpio --quiet -o -H newc -R 0:0 --reproducible) ||
+        die "cpio failed to write the archive of $1; see the messages above"
+}
+
+_newc_entry() { # name mode rdevmajor rdevminor
+    local name="$1" mode="$2" major="$3" minor="$4" namesize hdr pad
+    namesize=$((${#name} + 1))
+    hdr="$(printf '070701%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x%08x' \
+        0 "$mode" 0 0 1 0 0 0 0 "$major" "$minor" "$namesize" 0)"
+    pad=$(((4 - (110 + namesize) % 4) % 4))
+    printf '%s%s\0' "$hdr" "$name"
+    head -c "$pad" /dev/zero
+}
+
+# Build (or take from the cache) every Linux guest the tests boot and export
+# the variables the tests find them by. Run from the repository's top.
+export_linux_guests() {
+    local out
+    out=$(scripts/build-linux.sh --variant mpparse)
+    MINIVMM_LINUX_VMLINUX="$(sed -n 's/^vmlinux=//p' <<<"$out")"
+    MINIVMM_LINUX_BZIMAGE="$(sed -n 's/^bzImage=//p' <<<"$out")"
+    out=$(scripts/build-initramfs.sh --cmd 'cat /proc/cpuinfo | grep -c ^processor')
+    MINIVMM_INITRAMFS="$(sed -n 's/^initramfs=//p' <<<"$out")"
+    # Built like Debian's kernels: ACPI on, MP-table parser off (CPUs from the MADT).
+    out=$(scripts/build-linux.sh --variant acpi)
+    MINIVMM_LINUX_ACPI_VMLINUX="$(sed -n 's/^vmlinux=//p' <<<"$out")"
+    out=$(scripts/build-initramfs.sh --poweroff --cmd 'cat /proc/cpuinfo | grep -c ^processor')
+    MINIVMM_INITRAMFS_POWEROFF="$(sed -n 's/^initramfs=//p' <<<"$out")"
+    # For tests/linux_virtio.rs: /init runs the script the test puts on /dev/vda.
+    out=$(scripts/build-initramfs.sh --cmd "tr -d '\\000' </dev/vda >/tmp/disk.sh && sh /tmp/disk.sh")
+    MINIVMM_INITRAMFS_DISK_SCRIPT="$(sed -n 's/^initramfs=//p' <<<"$out")"
+    # Debian's own cloud kernel (apt-get download + dpkg -x), and its extracted ELF.
+    out=$(scripts/fetch-debian-kernel.sh)
+    MINIVMM_DEBIAN_VMLINUZ="$(sed -n 's/^vmlinuz=//p' <<<"$out")"
+    MINIVMM_DEBIAN_VMLINUX="$(sed -n 's/^vmlinux=//p' <<<"$out")"
+    MINIVMM_DEBIAN_MODULES="$(sed -n 's/^modules=//p' <<<"$out")"
+    # The same disk-script initramfs for Debian's kernel, with its virtio modules.
+    local insmods=() m
+    while read -r m; do
+        insmods+=(--insmod "$MINIVMM_DEBIAN_MODULES/$m")
+    done <"$MINIVMM_DEBIAN_MODULES/virtio.order"
+    out=$(scripts/build-initramfs.sh "${insmods[@]}" \
+        --cmd "tr -d '\\000' </dev/vda >/tmp/disk.sh && sh /tmp/disk.sh")
+    MINIVMM_INITRAMFS_DISK_SCRIPT_DEBIAN="$(sed -n 's/^initramfs=//p' <<<"$out")"
+    export MINIVMM_LINUX_VMLINUX MINIVMM_LINUX_BZIMAGE MINIVMM_INITRAMFS \
+        MINIVMM_LINUX_ACPI_VMLINUX MINIVMM_INITRAMFS_POWEROFF MINIVMM_INITRAMFS_DISK_SCRIPT \
+        MINIVMM_DEBIAN_VMLINUZ MINIVMM_DEBIAN_VMLINUX MINIVMM_DEBIAN_MODULES \
+        MINIVMM_INITRAMFS_DISK_SCRIPT_DEBIAN
+}
