@@ -64,6 +64,13 @@ mkdir -p "$(dirname "$MINIVMM_SKIP_LOG")"
 status=0
 cargo test --release "$@" || status=$?
 
+# A short pass of every fuzz target (scripts/fuzz.sh; run it longer by hand). Not
+# with a test filter: a filtered run is someone looking at one test.
+if [ "$#" -eq 0 ]; then
+    echo "test.sh: a short fuzzing pass (scripts/fuzz.sh --seconds ${MINIVMM_FUZZ_SECONDS:-20})" >&2
+    scripts/fuzz.sh --seconds "${MINIVMM_FUZZ_SECONDS:-20}" || status=$?
+fi
+
 # The tests that need hardware KVM (Linux to /init, and the tiny guests again), in
 # an outer VM whose KVM is Debian's kvm_amd on QEMU's emulated SVM: PVM hosts, such
 # as the project's own, cannot show them otherwise. MINIVMM_SKIP_NESTED=1 leaves it
