@@ -572,6 +572,9 @@ fn admit_vm(
 fn report(args: &RunArgs, json_file: Option<&File>, o: &Outcome, started: Instant) {
     match &o.end {
         End::GuestError(f) => eprintln!("minivmm: KVM could not run the guest any further:\n{f}"),
+        End::VmmBug(what) => eprintln!(
+            "minivmm: internal error, not the guest's: {what}. This is a minivmm bug; please report it with the command line and RUST_LOG=debug output"
+        ),
         End::Timeout => eprintln!(
             "minivmm: timeout: the VM was stopped after {:?}",
             o.run_time
@@ -625,7 +628,11 @@ fn summary(o: &Outcome, started: Instant) -> serde_json::Value {
         "exits": exits,
         "exits_total": o.exits.total(),
         "devices": o.devices,
-        "error": match &o.end { End::GuestError(f) => Some(f.to_string()), _ => None },
+        "error": match &o.end {
+            End::GuestError(f) => Some(f.to_string()),
+            End::VmmBug(what) => Some(what.clone()),
+            _ => None,
+        },
     })
 }
 

@@ -506,6 +506,7 @@ impl Pending {
                 crate::vmm::status::TIMEOUT,
                 Some("--timeout expired before the command ended".into()),
             ),
+            (None, End::VmmBug(what)) => (crate::vmm::status::VMM_ERROR, Some(what.clone())),
             (None, End::Stopped(_)) => (
                 outcome.exit_status(),
                 Some("stopped before the command ended".into()),

@@ -122,6 +122,9 @@ pub enum End {
     Stopped(StopReason),
     /// KVM could not run the guest.
     GuestError(Box<GuestFailure>),
+    /// A minivmm thread running the VM panicked: minivmm's bug, not the guest's
+    /// doing, so it is reported (and exits) as minivmm's own failure.
+    VmmBug(String),
 }
 
 /// Why someone stopped the VM from outside.
@@ -163,6 +166,7 @@ impl End {
             End::Stopped(StopReason::Signal(n)) => 128 + n,
             End::Stopped(_) => 130,
             End::GuestError(_) => status::GUEST_ERROR,
+            End::VmmBug(_) => status::VMM_ERROR,
         }
     }
 
@@ -176,6 +180,7 @@ impl End {
             End::Timeout => "timeout",
             End::Stopped(_) => "stopped",
             End::GuestError(_) => "error",
+            End::VmmBug(_) => "vmm-error",
         }
     }
 }
@@ -495,18 +500,25 @@ fn spawn_vcpu(
             // A panic in a vCPU thread (a bug of ours) must still end the VM, or the
             // main thread would wait for an event that never comes.
             let run = std::panic::AssertUnwindSafe(|| vcpu::run(fd, id, shared));
-            let (end, stats) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
-                let failure = GuestFailure {
-                    vcpu: id,
-                    reason: "the vCPU thread panicked (a minivmm bug: please report it)".into(),
-                    registers: String::new(),
-                    code_at_rip: Vec::new(),
-                };
-                (VcpuEnd::Failed(Box::new(failure)), ExitStats::default())
+            let (end, stats) = std::panic::catch_unwind(run).unwrap_or_else(|payload| {
+                let what = panic_message(payload.as_ref());
+                (
+                    VcpuEnd::Panicked(format!("the vCPU {id} thread panicked: {what}")),
+                    ExitStats::default(),
+                )
             });
             let _ = tx.send(Event::Vcpu(id, end.clone()));
             (end, stats)
         })
+}
+
+/// What a caught panic said: `panic!` carries a `&str` or a `String`.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Waits for the first event that ends the VM.
@@ -535,6 +547,7 @@ fn wait_for_end(rx: &Receiver<Event>, start: Instant, timeout: Option<Duration>)
             VcpuEnd::Device(DeviceEvent::Poweroff) | VcpuEnd::Poweroff => End::Poweroff,
             VcpuEnd::TripleFault => End::TripleFault,
             VcpuEnd::Failed(f) => End::GuestError(f),
+            VcpuEnd::Panicked(what) => End::VmmBug(what),
         };
     }
 }
@@ -772,5 +785,33 @@ mod kick {
             std::thread::sleep(wait);
             wait = (wait * 2).min(Duration::from_millis(10));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_vcpu_thread_is_minivmm_s_failure_not_the_guest_s() {
+        let caught = std::panic::catch_unwind(|| panic!("boom at exit {}", 7)).unwrap_err();
+        assert_eq!(panic_message(caught.as_ref()), "boom at exit 7");
+        let caught = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(panic_message(caught.as_ref()), "plain");
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(Event::Vcpu(1, VcpuEnd::Stopped)).unwrap();
+        tx.send(Event::Vcpu(
+            0,
+            VcpuEnd::Panicked("the vCPU 0 thread panicked: boom".into()),
+        ))
+        .unwrap();
+        let end = wait_for_end(&rx, Instant::now(), None);
+        assert!(
+            matches!(&end, End::VmmBug(w) if w.ends_with("boom")),
+            "{end:?}"
+        );
+        assert_eq!(end.exit_status(), status::VMM_ERROR);
+        assert_eq!(end.name(), "vmm-error");
     }
 }

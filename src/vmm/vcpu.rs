@@ -45,6 +45,8 @@ pub enum VcpuEnd {
     Reset,
     /// The guest could not go on: KVM entry failure, internal error, an unexpected exit.
     Failed(Box<GuestFailure>),
+    /// The thread panicked (caught in its spawner): what the panic said.
+    Panicked(String),
     /// The VMM asked it to stop.
     Stopped,
 }
