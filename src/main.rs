@@ -119,6 +119,16 @@ struct ExecArgs {
     /// Run without claiming vCPUs and memory in the ledger.
     #[arg(long)]
     no_ledger: bool,
+    /// What a forbidden system call does on the threads that run guest-driven code
+    /// (vCPUs, virtio, console, stdin), each under a seccomp allow-list: strict
+    /// (report it and exit 125), log (allow it; the kernel logs it), off (no filters).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "strict",
+        env = "MINIVMM_SECCOMP"
+    )]
+    seccomp: minivmm::vmm::seccomp::SeccompMode,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -193,6 +203,16 @@ struct RunArgs {
     /// Give the guest a virtio-rng entropy device (fed by the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// What a forbidden system call does on the threads that run guest-driven code
+    /// (vCPUs, virtio, console, stdin), each under a seccomp allow-list: strict
+    /// (report it and exit 125), log (allow it; the kernel logs it), off (no filters).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "strict",
+        env = "MINIVMM_SECCOMP"
+    )]
+    seccomp: minivmm::vmm::seccomp::SeccompMode,
     /// Name of the VM in the ledger [default: KERNEL-FILE-NAME-PID].
     #[arg(long)]
     name: Option<String>,
@@ -344,6 +364,7 @@ fn run(args: RunArgs, started: Instant) -> i32 {
         shares: args.share.clone(),
         rng: args.rng,
         virtio_console: None,
+        seccomp: args.seccomp,
     };
     match admit_and_run(config, || admit(&args)) {
         Ok(outcome) => {
@@ -397,13 +418,14 @@ fn exec(args: ExecArgs, started: Instant) -> i32 {
         console_file: args.console_file.clone(),
         command: args.command.clone(),
     };
-    let (config, pending) = match minivmm::exec::plan(&req) {
+    let (mut config, pending) = match minivmm::exec::plan(&req) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("minivmm exec: {e}");
             return status::VMM_ERROR;
         }
     };
+    config.seccomp = args.seccomp;
     if pending.built_initramfs {
         log::info!("exec: built the initramfs for this kernel (cached for the next runs)");
     }
@@ -479,7 +501,7 @@ fn admit_and_run(
     config: VmConfig,
     admit: impl FnOnce() -> Result<Option<minivmm::pool::Claim>, String>,
 ) -> Result<Outcome, RunError> {
-    let signals = signals::watch().map_err(RunError::Failed)?;
+    let signals = signals::watch(config.seccomp).map_err(RunError::Failed)?;
     let stopped = || signals.received().map(RunError::Stopped);
     config
         .validate()
@@ -491,7 +513,9 @@ fn admit_and_run(
     if let Some(e) = stopped() {
         return Err(e);
     }
-    let vm = Vm::new(config).map_err(|e| RunError::Failed(e.to_string()))?;
+    let mut vm = Vm::new(config).map_err(|e| RunError::Failed(e.to_string()))?;
+    // Once the VM's threads run, this one only waits, tears down, releases, reports.
+    vm.confine_caller();
     // A signal that came while the VM was being built stops it at once.
     signals.attach(vm.stop_handle());
     vm.run().map_err(|e| RunError::Failed(e.to_string()))
@@ -748,13 +772,20 @@ mod signals {
     /// lost: before the VM exists it makes waits for a locked pool give up
     /// ([`minivmm::pool::interrupt_waits`]) and is remembered for [`Watcher::attach`];
     /// after, it stops the VM.
-    pub fn watch() -> Result<Watcher, String> {
+    pub fn watch(mode: minivmm::vmm::seccomp::SeccompMode) -> Result<Watcher, String> {
+        use minivmm::vmm::seccomp::{ThreadKind, apply, filter};
+        let prog = filter(ThreadKind::Signals, mode).map_err(|e| e.to_string())?;
         block()?;
         let shared = Arc::new(Shared::default());
         let thread = shared.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                // This thread must receive signals whatever happens: a filter the
+                // kernel refuses is reported, not fatal (it runs no guest code).
+                if let Err(e) = apply(ThreadKind::Signals, prog.as_ref()) {
+                    log::error!("signal thread: {e}");
+                }
                 let s = set();
                 let mut sig = 0;
                 // SAFETY: valid set and out-pointer.

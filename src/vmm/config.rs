@@ -151,6 +151,8 @@ pub struct VmConfig {
     /// Give the VM a virtio console (Linux's /dev/hvc0) whose output goes here:
     /// `minivmm exec`'s channel for the command's output and status.
     pub virtio_console: Option<ConsoleOut>,
+    /// What a thread's forbidden system call does (`--seccomp`; strict by default).
+    pub seccomp: super::seccomp::SeccompMode,
 }
 
 /// Where a virtio console's bytes go (any writer; it may block, which holds the
@@ -263,6 +265,7 @@ impl VmConfig {
             shares: Vec::new(),
             rng: false,
             virtio_console: None,
+            seccomp: Default::default(),
         }
     }
 

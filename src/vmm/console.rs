@@ -13,6 +13,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::devices::{Devices, lock};
+use super::seccomp::{Filters, ThreadKind};
 
 /// Ctrl-A, the escape key on a terminal: Ctrl-A `x` stops the VM (as in QEMU);
 /// Ctrl-A Ctrl-A sends one Ctrl-A to the guest.
@@ -69,13 +70,20 @@ impl StdinPump {
     pub fn start(
         devices: Arc<Devices>,
         interactive: bool,
+        filters: Filters,
         on_escape: impl Fn() + Send + 'static,
     ) -> io::Result<StdinPump> {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
         let wake2 = wake.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("stdin".into())
-            .spawn(move || pump(devices, wake2, interactive, on_escape))?;
+            .spawn(move || {
+                if let Err(e) = filters.enter(ThreadKind::Stdin) {
+                    log::error!("stdin: {e}; the guest gets no input");
+                    return;
+                }
+                pump(devices, wake2, interactive, on_escape)
+            })?;
         Ok(StdinPump {
             wake,
             thread: Some(thread),
@@ -227,13 +235,21 @@ pub struct OutputPump {
 }
 
 impl OutputPump {
-    /// Starts the writer thread for `sink`.
-    pub fn start(sink: Box<dyn Write + Send>) -> io::Result<OutputPump> {
+    /// Starts the writer thread for `sink`; it installs its seccomp filter first.
+    pub fn start(sink: Box<dyn Write + Send>, filters: Filters) -> io::Result<OutputPump> {
         let shared = Arc::new(Shared::default());
         let theirs = shared.clone();
         std::thread::Builder::new()
             .name("console".into())
-            .spawn(move || write_out(&theirs, sink))?;
+            .spawn(move || {
+                if let Err(e) = filters.enter(ThreadKind::ConsoleOut) {
+                    // Fail closed: no unfiltered thread handles guest bytes.
+                    log::error!("console: {e}; the guest's console output is dropped");
+                    theirs.lock().broken = true;
+                    return;
+                }
+                write_out(&theirs, sink)
+            })?;
         Ok(OutputPump { shared })
     }
 

@@ -14,6 +14,7 @@ pub mod hostfile;
 pub mod kvm;
 pub mod memory;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod vcpu;
 pub mod virtio;
 
@@ -55,6 +56,9 @@ pub enum VmError {
     /// Guest memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The seccomp filters could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// The kernel or initrd could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
@@ -258,6 +262,11 @@ pub struct Vm {
     pit: bool,
     /// The virtio devices, served by a worker thread while the VM runs.
     virtio: Vec<Arc<virtio::VirtioMmio>>,
+    /// The seccomp filters each thread installs as it starts.
+    filters: seccomp::Filters,
+    seccomp_mode: seccomp::SeccompMode,
+    /// Whether `run` filters its calling thread too ([`Vm::confine_caller`]).
+    confine_caller: bool,
     events: (Sender<Event>, Receiver<Event>),
 }
 
@@ -266,6 +275,7 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         let t0 = Instant::now();
         config.validate()?;
+        let filters = seccomp::Filters::build(config.seccomp)?;
         // Disks first: a missing or locked image is refused before anything else.
         let mut backends: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
         for d in &config.disks {
@@ -312,7 +322,7 @@ impl Vm {
         vm.register_irqfd(&aux_irq, devices::i8042::AUX_IRQ)
             .map_err(ioctl("KVM_IRQFD"))?;
         let (mmio, virtio) = virtio_devices(&vm, backends, &slots, &mem)?;
-        let console = serial_console(config.serial_out)?;
+        let console = serial_console(config.serial_out, &filters)?;
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(devices::serial::new_com1(com1_irq, console)),
             i8042: std::sync::Mutex::new(devices::i8042::I8042::new(kbd_irq, aux_irq)),
@@ -355,6 +365,9 @@ impl Vm {
             serial_in: config.serial_in,
             pit: config.pit,
             virtio,
+            filters,
+            seccomp_mode: config.seccomp,
+            confine_caller: false,
             events: mpsc::channel(),
             build_time: t0.elapsed(),
         })
@@ -370,6 +383,16 @@ impl Vm {
         StopHandle(self.events.0.clone())
     }
 
+    /// Makes [`Vm::run`] install the seccomp filter of [`seccomp::ThreadKind::Main`]
+    /// on the calling thread once every thread of the VM has started (new threads
+    /// inherit their creator's filter, so it cannot come sooner). For a caller that,
+    /// like the `minivmm` binary, has nothing left to do on that thread but wait for
+    /// the VM, tear it down, release its claim and report: the filter stays for the
+    /// thread's life. Nothing happens with `--seccomp off`.
+    pub fn confine_caller(&mut self) {
+        self.confine_caller = true;
+    }
+
     /// Runs the VM until the guest ends it, the timeout elapses or a stop is
     /// requested; every vCPU thread is joined before this returns.
     pub fn run(mut self) -> Result<Outcome, VmError> {
@@ -380,7 +403,7 @@ impl Vm {
         let mut spawn_error = None;
         let mut worker = None;
         if !self.virtio.is_empty() {
-            match virtio::worker::Worker::start(self.virtio.clone()) {
+            match virtio::worker::Worker::start(self.virtio.clone(), self.filters.clone()) {
                 Ok(w) => worker = Some(w),
                 Err(source) => {
                     spawn_error = Some(VmError::Os {
@@ -394,7 +417,13 @@ impl Vm {
             if spawn_error.is_some() {
                 break;
             }
-            let spawned = spawn_vcpu(id as u32, fd, self.shared.clone(), tx.clone());
+            let spawned = spawn_vcpu(
+                id as u32,
+                fd,
+                self.shared.clone(),
+                tx.clone(),
+                self.filters.clone(),
+            );
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(source) => {
@@ -410,10 +439,12 @@ impl Vm {
         let pump = if spawn_error.is_none() && self.serial_in == SerialIn::Stdin {
             let raw = console::RawTerminal::enable(0);
             let stop = self.stop_handle();
-            let pump =
-                console::StdinPump::start(self.shared.devices.clone(), raw.is_some(), move || {
-                    stop.stop(StopReason::Escape)
-                });
+            let pump = console::StdinPump::start(
+                self.shared.devices.clone(),
+                raw.is_some(),
+                self.filters.clone(),
+                move || stop.stop(StopReason::Escape),
+            );
             match pump {
                 Ok(p) => Some((p, raw)),
                 Err(source) => {
@@ -427,6 +458,13 @@ impl Vm {
         } else {
             None
         };
+        if spawn_error.is_none() && self.confine_caller {
+            let confined = seccomp::filter(seccomp::ThreadKind::Main, self.seccomp_mode)
+                .and_then(|p| seccomp::apply(seccomp::ThreadKind::Main, p.as_ref()));
+            if let Err(e) = confined {
+                spawn_error = Some(e.into());
+            }
+        }
 
         let end = match spawn_error {
             Some(_) => End::Stopped(StopReason::Requested),
@@ -493,17 +531,25 @@ fn spawn_vcpu(
     fd: VcpuFd,
     shared: Arc<VcpuShared>,
     tx: Sender<Event>,
+    filters: seccomp::Filters,
 ) -> std::io::Result<JoinHandle<(VcpuEnd, ExitStats)>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
             // A panic in a vCPU thread (a bug of ours) must still end the VM, or the
             // main thread would wait for an event that never comes.
+            // The filter goes on before the first KVM_RUN: from then on this thread
+            // runs what the guest drives.
+            if let Err(e) = filters.enter(seccomp::ThreadKind::Vcpu) {
+                let end = VcpuEnd::Internal(format!("vCPU {id}: {e}"));
+                let _ = tx.send(Event::Vcpu(id, end.clone()));
+                return (end, ExitStats::default());
+            }
             let run = std::panic::AssertUnwindSafe(|| vcpu::run(fd, id, shared));
             let (end, stats) = std::panic::catch_unwind(run).unwrap_or_else(|payload| {
                 let what = panic_message(payload.as_ref());
                 (
-                    VcpuEnd::Panicked(format!("the vCPU {id} thread panicked: {what}")),
+                    VcpuEnd::Internal(format!("the vCPU {id} thread panicked: {what}")),
                     ExitStats::default(),
                 )
             });
@@ -547,7 +593,7 @@ fn wait_for_end(rx: &Receiver<Event>, start: Instant, timeout: Option<Duration>)
             VcpuEnd::Device(DeviceEvent::Poweroff) | VcpuEnd::Poweroff => End::Poweroff,
             VcpuEnd::TripleFault => End::TripleFault,
             VcpuEnd::Failed(f) => End::GuestError(f),
-            VcpuEnd::Panicked(what) => End::VmmBug(what),
+            VcpuEnd::Internal(what) => End::VmmBug(what),
         };
     }
 }
@@ -671,7 +717,7 @@ fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<kvm_bindings::CpuId, VmError
 }
 
 /// COM1's output side for `out`, with its writer thread unless output is discarded.
-fn serial_console(out: SerialOut) -> Result<devices::Console, VmError> {
+fn serial_console(out: SerialOut, filters: &seccomp::Filters) -> Result<devices::Console, VmError> {
     let sink: Box<dyn std::io::Write + Send> = match out {
         SerialOut::None => return Ok(devices::Console::discard()),
         SerialOut::Stdout => Box::new(std::io::stdout()),
@@ -681,7 +727,7 @@ fn serial_console(out: SerialOut) -> Result<devices::Console, VmError> {
             Err(source) => return Err(VmError::SerialFile { path, source }),
         },
     };
-    devices::Console::new(sink).map_err(|source| VmError::Os {
+    devices::Console::new(sink, filters.clone()).map_err(|source| VmError::Os {
         what: "start the console thread",
         source,
     })
@@ -803,7 +849,7 @@ mod tests {
         tx.send(Event::Vcpu(1, VcpuEnd::Stopped)).unwrap();
         tx.send(Event::Vcpu(
             0,
-            VcpuEnd::Panicked("the vCPU 0 thread panicked: boom".into()),
+            VcpuEnd::Internal("the vCPU 0 thread panicked: boom".into()),
         ))
         .unwrap();
         let end = wait_for_end(&rx, Instant::now(), None);

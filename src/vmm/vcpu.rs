@@ -45,8 +45,9 @@ pub enum VcpuEnd {
     Reset,
     /// The guest could not go on: KVM entry failure, internal error, an unexpected exit.
     Failed(Box<GuestFailure>),
-    /// The thread panicked (caught in its spawner): what the panic said.
-    Panicked(String),
+    /// minivmm failed on this thread, not the guest: a panic (caught in its
+    /// spawner) or a seccomp filter it could not install.
+    Internal(String),
     /// The VMM asked it to stop.
     Stopped,
 }

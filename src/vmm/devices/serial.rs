@@ -45,10 +45,14 @@ pub struct Console {
 }
 
 impl Console {
-    /// A console writing to `sink` through its own writer thread.
-    pub fn new(sink: Box<dyn Write + Send>) -> io::Result<Console> {
+    /// A console writing to `sink` through its own writer thread, which installs
+    /// its seccomp filter from `filters` first.
+    pub fn new(
+        sink: Box<dyn Write + Send>,
+        filters: crate::vmm::seccomp::Filters,
+    ) -> io::Result<Console> {
         Ok(Console {
-            pump: Some(OutputPump::start(sink)?),
+            pump: Some(OutputPump::start(sink, filters)?),
             first_byte: None,
             bytes: 0,
         })

@@ -34,7 +34,10 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread serving `devices`.
-    pub fn start(devices: Vec<Arc<VirtioMmio>>) -> std::io::Result<Worker> {
+    pub fn start(
+        devices: Vec<Arc<VirtioMmio>>,
+        filters: crate::vmm::seccomp::Filters,
+    ) -> std::io::Result<Worker> {
         let epoll = Epoll::new()?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let mut queues: Vec<(Arc<VirtioMmio>, usize)> = Vec::new();
@@ -60,7 +63,7 @@ impl Worker {
             .name("virtio".into())
             .spawn(move || {
                 let _alive = alive;
-                run(epoll, queues)
+                run(epoll, queues, filters)
             })?;
         Ok(Worker {
             stop,
@@ -75,7 +78,7 @@ fn fd_of(fd: &EventFd) -> i32 {
     fd.as_raw_fd()
 }
 
-fn run(epoll: Epoll, queues: Vec<(Arc<VirtioMmio>, usize)>) {
+fn run(epoll: Epoll, queues: Vec<(Arc<VirtioMmio>, usize)>, filters: crate::vmm::seccomp::Filters) {
     // A umask (and working directory) of this thread's own: virtio-fs's FUSE server
     // sets the umask to 0 on FUSE_INIT (and needs it so, to give files the modes the
     // guest asks for), which must not change the mode of files the rest of the
@@ -89,6 +92,11 @@ fn run(epoll: Epoll, queues: Vec<(Arc<VirtioMmio>, usize)>) {
             "virtio worker: unshare(CLONE_FS): {}; FUSE_INIT will clear the whole process's umask",
             std::io::Error::last_os_error()
         );
+    }
+    // After the set-up above (unshare is not on the list), before any guest request.
+    if let Err(e) = filters.enter(crate::vmm::seccomp::ThreadKind::Virtio) {
+        log::error!("virtio worker: {e}; devices stop serving");
+        return;
     }
     let mut events = vec![EpollEvent::default(); queues.len() + 1];
     loop {
