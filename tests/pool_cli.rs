@@ -1,53 +1,65 @@
-//! The `pool` and `schedule` argument definitions, as main.rs mounts them.
+//! The `pool` and `schedule` command lines as users type them, run through the
+//! real binary: `--pool` and `--json` work before or after the subcommand.
 
-use clap::{CommandFactory, Parser, Subcommand};
-use minivmm::pool::cli::{PoolArgs, PoolCommand};
-use minivmm::scheduler::cli::ScheduleArgs;
+mod pool_util;
 
-/// The shape main.rs gives them: one variant each.
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+use pool_util::Scratch;
+use std::process::Command;
+
+fn minivmm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_minivmm"))
+        .env_remove("MINIVMM_POOL")
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .output()
+        .expect("run minivmm")
 }
 
-#[derive(Subcommand)]
-enum Command {
-    Pool(PoolArgs),
-    Schedule(ScheduleArgs),
-}
-
-#[test]
-fn definitions_are_valid() {
-    Cli::command().debug_assert();
+fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 #[test]
 fn pool_and_json_work_before_or_after_the_subcommand() {
-    for args in [
-        &["minivmm", "pool", "--pool", "/tmp/p.db", "--json", "list"][..],
-        &["minivmm", "pool", "list", "--pool", "/tmp/p.db", "--json"][..],
-    ] {
-        let cli = Cli::try_parse_from(args).expect("parses");
-        let Command::Pool(p) = cli.command else {
-            panic!("not pool")
-        };
-        assert!(matches!(p.command, PoolCommand::List));
-        assert_eq!(
-            p.location.pool.as_deref(),
-            Some(std::path::Path::new("/tmp/p.db"))
-        );
-        assert!(p.location.json);
-    }
-    let cli = Cli::try_parse_from([
-        "minivmm", "schedule", "--vcpus", "2", "--memory", "4G", "--pool", "/x", "--json",
-    ])
-    .expect("parses");
-    let Command::Schedule(s) = cli.command else {
-        panic!("not schedule")
-    };
-    assert_eq!(
-        (s.vcpus, s.memory.as_str(), s.location.json),
-        (2, "4G", true)
+    let s = Scratch::new("pool-cli");
+    let pool = s.pool();
+    let p = pool.to_str().unwrap();
+    pool_util::ok(
+        &pool,
+        &[
+            "pool", "add-host", "h1", "--vcpus", "8", "--memory", "16G", "--disk", "10",
+        ],
     );
+    let before = json(&minivmm(&["pool", "--pool", p, "--json", "list"]));
+    let after = json(&minivmm(&["pool", "list", "--pool", p, "--json"]));
+    assert_eq!(before, after);
+    assert!(before.to_string().contains("\"h1\""), "{before}");
+
+    let placed = json(&minivmm(&[
+        "schedule", "--vcpus", "2", "--memory", "4G", "--pool", p, "--json",
+    ]));
+    assert!(placed.to_string().contains("\"h1\""), "{placed}");
+}
+
+#[test]
+fn help_of_every_pool_command_prints() {
+    for sub in [
+        &["pool", "--help"][..],
+        &["pool", "list", "--help"],
+        &["pool", "add-host", "--help"],
+        &["schedule", "--help"],
+    ] {
+        let o = minivmm(sub);
+        assert!(
+            o.status.success(),
+            "{sub:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Usage:"),
+            "{sub:?}"
+        );
+    }
 }
