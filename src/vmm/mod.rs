@@ -126,8 +126,9 @@ pub enum End {
     Stopped(StopReason),
     /// KVM could not run the guest.
     GuestError(Box<GuestFailure>),
-    /// A minivmm thread running the VM panicked: minivmm's bug, not the guest's
-    /// doing, so it is reported (and exits) as minivmm's own failure.
+    /// A vCPU thread failed for minivmm's own reasons (it panicked, or could not
+    /// install its seccomp filter): not the guest's doing, so it is reported (and
+    /// exits) as minivmm's failure.
     VmmBug(String),
 }
 
