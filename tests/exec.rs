@@ -33,9 +33,8 @@ fn exec_in(dir: &Path, files: &[PathBuf], flags: &[&str], command: &[&str]) -> O
         .arg(&files[1])
         .args(["--no-ledger", "--vcpus", "2", "--memory", "512M"])
         .args(flags);
-    // minivmm's own limit, under the outer test bed's 420 s silence watchdog, so
-    // that a guest that never finishes is reported by minivmm (status 124, the
-    // console's last lines) rather than taken for a hung outer VM.
+    // minivmm's own limit, well under this test's: a guest that never finishes is
+    // then reported by minivmm (status 124, the console's last lines).
     if !flags.contains(&"--timeout") {
         c.args(["--timeout", "300s"]);
     }
