@@ -335,8 +335,8 @@ pub struct Filters {
 
 impl Filters {
     /// Builds every kind's filter for `mode`, and proves this kernel takes one (on a
-    /// short-lived thread of its own) so that a VM never starts only to lose a
-    /// thread to a filter the kernel refuses.
+    /// short-lived thread of its own, the first time) so that a VM never starts only
+    /// to lose a thread to a filter the kernel refuses.
     pub fn build(mode: SeccompMode) -> Result<Filters, SeccompError> {
         let arc = |kind| filter(kind, mode).map(|p| p.map(std::sync::Arc::new));
         let selftest = match std::env::var(SELFTEST_ENV).as_deref() {
@@ -352,10 +352,15 @@ impl Filters {
             console_out: arc(ThreadKind::ConsoleOut)?,
             stdin: arc(ThreadKind::Stdin)?,
         };
-        if let Some(probe) = f.vcpu.clone() {
+        // Once per process: a VM's build time matters for tiny guests.
+        static PROBED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if let Some(probe) = f.vcpu.clone()
+            && !PROBED.load(std::sync::atomic::Ordering::Relaxed)
+        {
             std::thread::spawn(move || apply(ThreadKind::Vcpu, Some(&probe)))
                 .join()
                 .unwrap_or(Ok(()))?;
+            PROBED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(f)
     }
