@@ -119,16 +119,8 @@ struct ExecArgs {
     /// Run without claiming vCPUs and memory in the ledger.
     #[arg(long)]
     no_ledger: bool,
-    /// What a forbidden system call does on the threads that run guest-driven code
-    /// (vCPUs, virtio, console, stdin), each under a seccomp allow-list: strict
-    /// (report it and exit 125), log (allow it; the kernel logs it), off (no filters).
-    #[arg(
-        long,
-        value_name = "MODE",
-        default_value = "strict",
-        env = "MINIVMM_SECCOMP"
-    )]
-    seccomp: minivmm::vmm::seccomp::SeccompMode,
+    #[command(flatten)]
+    sandbox: Sandbox,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -137,6 +129,22 @@ struct ExecArgs {
         value_name = "CMD"
     )]
     command: Vec<String>,
+}
+
+/// The `--seccomp` flag of `run` and `exec`.
+#[derive(clap::Args)]
+struct Sandbox {
+    /// What a forbidden system call does. Every thread of minivmm runs under a
+    /// seccomp allow-list of its own (vCPUs, virtio, console, stdin, signals, and
+    /// the main thread once the VM runs): strict (report the call and exit 125), log
+    /// (allow it; the kernel logs it), off (no filters).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "strict",
+        env = "MINIVMM_SECCOMP"
+    )]
+    seccomp: minivmm::vmm::seccomp::SeccompMode,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -203,16 +211,8 @@ struct RunArgs {
     /// Give the guest a virtio-rng entropy device (fed by the host's getrandom).
     #[arg(long)]
     rng: bool,
-    /// What a forbidden system call does on the threads that run guest-driven code
-    /// (vCPUs, virtio, console, stdin), each under a seccomp allow-list: strict
-    /// (report it and exit 125), log (allow it; the kernel logs it), off (no filters).
-    #[arg(
-        long,
-        value_name = "MODE",
-        default_value = "strict",
-        env = "MINIVMM_SECCOMP"
-    )]
-    seccomp: minivmm::vmm::seccomp::SeccompMode,
+    #[command(flatten)]
+    sandbox: Sandbox,
     /// Name of the VM in the ledger [default: KERNEL-FILE-NAME-PID].
     #[arg(long)]
     name: Option<String>,
@@ -364,7 +364,7 @@ fn run(args: RunArgs, started: Instant) -> i32 {
         shares: args.share.clone(),
         rng: args.rng,
         virtio_console: None,
-        seccomp: args.seccomp,
+        seccomp: args.sandbox.seccomp,
     };
     match admit_and_run(config, || admit(&args)) {
         Ok(outcome) => {
@@ -425,7 +425,7 @@ fn exec(args: ExecArgs, started: Instant) -> i32 {
             return status::VMM_ERROR;
         }
     };
-    config.seccomp = args.seccomp;
+    config.seccomp = args.sandbox.seccomp;
     if pending.built_initramfs {
         log::info!("exec: built the initramfs for this kernel (cached for the next runs)");
     }
