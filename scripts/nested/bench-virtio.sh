@@ -87,7 +87,9 @@ run_qemu() {
     while [ ! -S $W/vfs.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     # acpi=off: microvm then lists its virtio-mmio devices on the kernel command
     # line, which is where the minimal kernel (no ACPI) finds them.
-    qemu-system-x86_64 -enable-kvm -cpu host -M microvm,acpi=off,x-option-roms=off,memory-backend=mem \
+    # A QEMU that never ends (seen 2026-12-02: no result after 6 minutes, where
+    # minivmm took 26 s) is stopped, and its console and stderr are shown below.
+    timeout 300 qemu-system-x86_64 -enable-kvm -cpu host -M microvm,acpi=off,x-option-roms=off,memory-backend=mem \
         -nodefaults -no-user-config -display none -no-reboot -smp 2 -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
         -serial file:$W/console.txt -kernel "$MINIVMM_LINUX_VMLINUX" \
