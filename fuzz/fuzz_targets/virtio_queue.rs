@@ -4,7 +4,7 @@
 //! touches memory outside guest RAM.
 //!
 //! Input: byte 0 picks the device (bits 0–1: virtio-blk, read-only virtio-blk, a
-//! read-only virtio-fs share, virtio-console) and the mode (bit 7 clear: a driver
+//! read-only virtio-fs share, virtio-console), the queue (bit 2) and the mode (bit 7 clear: a driver
 //! that sets the queue up by the book, then the fuzzer's bytes are the guest RAM
 //! holding the rings and requests; bit 7 set: the bytes are register accesses,
 //! 7 bytes each, and a notify serves the queue). Byte 1 is log2 of the queue size.
