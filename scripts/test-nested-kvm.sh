@@ -25,7 +25,7 @@
 #                      included (default 3600)
 #   --idle SECS        ... or when its console is silent this long (default 150;
 #                      the outer VM prints a heartbeat every 30 s)
-#   --attempts N       boots of the outer VM when it crashes or hangs (default 6);
+#   --attempts N       boots of the outer VM when it crashes or hangs (default 10);
 #                      a new boot runs only the test binaries that had not
 #                      finished (passed or failed) on the boots before
 #   --log FILE         also write its whole console to FILE
@@ -74,7 +74,7 @@ test_threads=1
 retries=2
 limit=3600
 idle=150
-attempts=6
+attempts=10
 logfile=""
 work="$PWD/target/nested"
 while [ "$#" -gt 0 ]; do
