@@ -88,11 +88,12 @@ fn ctx(o: &Output) -> String {
         let n = t.len().saturating_sub(3000);
         t[t.floor_char_boundary(n)..].to_string()
     };
+    // Quoted: stderr holds the guest's console tail (see common::quoted).
     format!(
         "status {:?}\n--- stdout (end) ---\n{}\n--- stderr (end) ---\n{}",
         o.status.code(),
-        tail(&o.stdout),
-        tail(&o.stderr)
+        common::quoted(&tail(&o.stdout)),
+        common::quoted(&tail(&o.stderr))
     )
 }
 
@@ -182,7 +183,11 @@ exit 42"
     assert_eq!(o.status.code(), Some(42), "{}", ctx(&o));
     // The kernel's console went to the file, not to stdout or stderr.
     let seen = std::fs::read_to_string(&console).unwrap_or_default();
-    assert!(seen.contains("minivmm-init: running sh"), "{seen}");
+    assert!(
+        seen.contains("minivmm-init: running sh"),
+        "{}",
+        common::quoted(&seen)
+    );
     let out = text(&o.stdout);
     let (first, rest) = out.split_once('\n').unwrap_or(("", ""));
     let cwd = dir.canonicalize().unwrap();

@@ -113,7 +113,11 @@ impl Boot {
         format!(
             "status {:?} after {:?}\n--- stderr ---\n{}\n--- stdout ---\n{}\n\
              --- console, last 30 lines ---\n{tail}\n--- console ---\n{}",
-            self.status, self.elapsed, self.stderr, self.stdout, self.console
+            self.status,
+            self.elapsed,
+            self.stderr,
+            self.stdout,
+            super::quoted(&self.console)
         )
     }
 
@@ -332,8 +336,8 @@ pub fn boot_until(spec: &BootSpec, extra: &[String], sig: i32) -> Boot {
     }
 }
 
-/// The last `n` non-empty lines of `text`.
+/// The last `n` non-empty lines of `text`, each quoted with "| ".
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    super::quoted(&lines[lines.len().saturating_sub(n)..].join("\n"))
 }

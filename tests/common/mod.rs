@@ -317,3 +317,13 @@ pub fn threads_report(pid: u32) -> String {
     }
     out
 }
+
+/// `text` with every line quoted as "| LINE": a guest kernel's console in a failure
+/// report must not look like the test host's own kernel log (the nested bed stops
+/// its outer VM on a "[ secs ] BUG:" or RCU-stall line at the start of a line).
+pub fn quoted(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("| {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
