@@ -696,6 +696,22 @@ fn spinning_vm(pool: &Path, name: &str, err: &Path) -> common::KillOnDrop {
     common::KillOnDrop(child)
 }
 
+/// Initialises the pool in `s`, starts [`spinning_vm`] named `name` on it (stderr
+/// in `s.dir/stderr`) and waits for its claim; returns the VM, the stderr file and
+/// the claim.
+fn vm_holding_a_claim(
+    s: &Scratch,
+    name: &str,
+) -> (common::KillOnDrop, std::path::PathBuf, serde_json::Value) {
+    let pool = s.pool();
+    pool_util::ok(&pool, &["pool", "init"]);
+    let err = s.dir.join("stderr");
+    let mut vm = spinning_vm(&pool, name, &err);
+    let mine =
+        common::wait_for_allocation(&pool, name, &mut vm.0, std::time::Duration::from_secs(60));
+    (vm, err, mine)
+}
+
 /// Claims 1 vCPU and 32 MiB for VM `name` on the pool's only host, held until
 /// released; returns the allocation.
 fn claim_other(pool: &Path, name: &str) -> serde_json::Value {
@@ -732,15 +748,7 @@ fn deleting_the_wal_under_a_running_vm_is_reported_and_keeps_other_claims() {
     }
     let s = Scratch::new("wal-deleted");
     let pool = s.pool();
-    pool_util::ok(&pool, &["pool", "init"]);
-    let err = s.dir.join("stderr");
-    let mut vm = spinning_vm(&pool, "walvm", &err);
-    let mine = common::wait_for_allocation(
-        &pool,
-        "walvm",
-        &mut vm.0,
-        std::time::Duration::from_secs(60),
-    );
+    let (mut vm, err, mine) = vm_holding_a_claim(&s, "walvm");
     let other = claim_other(&pool, "bystander");
     std::fs::remove_file(s.dir.join("pool.db-wal")).expect("delete the -wal file");
 
@@ -774,15 +782,7 @@ fn a_lost_claim_is_reported_and_never_erases_another_vms() {
     }
     let s = Scratch::new("claim-lost");
     let pool = s.pool();
-    pool_util::ok(&pool, &["pool", "init"]);
-    let err = s.dir.join("stderr");
-    let mut vm = spinning_vm(&pool, "lostvm", &err);
-    let mine = common::wait_for_allocation(
-        &pool,
-        "lostvm",
-        &mut vm.0,
-        std::time::Duration::from_secs(60),
-    );
+    let (mut vm, err, mine) = vm_holding_a_claim(&s, "lostvm");
     for f in ["pool.db-wal", "pool.db-shm"] {
         std::fs::remove_file(s.dir.join(f)).expect("delete a companion file");
     }
