@@ -32,4 +32,7 @@ pub mod pool;
 pub mod scheduler;
 pub mod vmm;
 
-pub use vmm::{End, Outcome, SerialIn, SerialOut, StopHandle, StopReason, Vm, VmConfig, VmError};
+pub use vmm::{
+    End, Outcome, SerialIn, SerialOut, StopHandle, StopReason, Vm, VmConfig, VmError, VmHandle,
+    VmState,
+};

@@ -384,3 +384,40 @@ fn later_flags_override_earlier_ones() {
         (Some(3), Some(64))
     );
 }
+
+/// `Vm::start` returns while the guest runs: the handle says it is running, the
+/// console can go to an in-memory ring, and a stop through the handle ends it.
+#[test]
+fn a_started_vm_is_watched_and_stopped_through_its_handle() {
+    if !kvm_or_skip("a_started_vm_is_watched_and_stopped_through_its_handle") {
+        return;
+    }
+    let echo = std::path::Path::new(env!("MINIVMM_GUEST_DIR")).join("echo.elf");
+    let ring = minivmm::vmm::console::ConsoleRing::new(16);
+    let mut c = minivmm::VmConfig::new(&echo);
+    c.serial_out = minivmm::SerialOut::Writer(Box::new(ring.clone()));
+    let handle = minivmm::Vm::new(c).unwrap().start().unwrap();
+    // The echo guest prints its ready line, then polls its serial port for good.
+    let t0 = std::time::Instant::now();
+    while !String::from_utf8_lossy(&ring.contents()).contains("line)\n") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no ready line: {:?}",
+            ring.contents()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(handle.state(), minivmm::VmState::Running);
+    // Only the last 16 bytes are kept, and every byte is counted.
+    let ready = "echo: ready (end with '.' at the start of a line)\n";
+    assert_eq!(ring.contents(), ready.as_bytes()[ready.len() - 16..]);
+    assert_eq!(ring.total(), ready.len() as u64);
+    handle.stop(minivmm::StopReason::Requested);
+    let o = handle.wait().unwrap();
+    assert!(
+        matches!(o.end, minivmm::End::Stopped(minivmm::StopReason::Requested)),
+        "{:?}",
+        o.end
+    );
+    assert_eq!(o.console_bytes, ready.len() as u64);
+}

@@ -374,3 +374,60 @@ fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
         shared.emptied.notify_all();
     }
 }
+
+/// A console destination that keeps the last `capacity` bytes the guest wrote in
+/// memory, for a caller that shows a VM's recent output on request (an agent's
+/// console endpoint, a test) rather than streaming it. Clones share one buffer: hand
+/// one to [`crate::SerialOut::Writer`] and read the other with
+/// [`ConsoleRing::contents`].
+#[derive(Clone)]
+pub struct ConsoleRing {
+    buf: Arc<Mutex<RingBuf>>,
+}
+
+struct RingBuf {
+    bytes: VecDeque<u8>,
+    capacity: usize,
+    /// Every byte ever written, including those pushed out since.
+    total: u64,
+}
+
+impl ConsoleRing {
+    /// A ring that keeps at most `capacity` bytes (the oldest go first).
+    pub fn new(capacity: usize) -> ConsoleRing {
+        ConsoleRing {
+            buf: Arc::new(Mutex::new(RingBuf {
+                bytes: Default::default(),
+                capacity,
+                total: 0,
+            })),
+        }
+    }
+
+    /// The bytes kept, oldest first.
+    pub fn contents(&self) -> Vec<u8> {
+        let b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        b.bytes.iter().copied().collect()
+    }
+
+    /// How many bytes were ever written, kept or not.
+    pub fn total(&self) -> u64 {
+        self.buf.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+impl Write for ConsoleRing {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        b.total += data.len() as u64;
+        let keep = &data[data.len().saturating_sub(b.capacity)..];
+        let over = (b.bytes.len() + keep.len()).saturating_sub(b.capacity);
+        b.bytes.drain(..over);
+        b.bytes.extend(keep);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

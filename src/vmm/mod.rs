@@ -395,49 +395,60 @@ impl Vm {
     }
 
     /// Runs the VM until the guest ends it, the timeout elapses or a stop is
-    /// requested; every vCPU thread is joined before this returns.
-    pub fn run(mut self) -> Result<Outcome, VmError> {
+    /// requested; every vCPU thread is joined before this returns. The same as
+    /// [`Vm::start`] then [`VmHandle::wait`].
+    pub fn run(self) -> Result<Outcome, VmError> {
+        self.start()?.wait()
+    }
+
+    /// Starts the VM's threads (one per vCPU, the virtio device thread, and the
+    /// stdin thread with [`SerialIn::Stdin`]) and returns at once with a handle to
+    /// watch, stop and wait for it. If a thread cannot be started, the ones that did
+    /// are stopped and joined and the VM is torn down before the error returns.
+    pub fn start(mut self) -> Result<VmHandle, VmError> {
         kick::install();
         let start = Instant::now();
-        let (tx, rx) = (self.events.0.clone(), &self.events.1);
-        let mut threads: Vec<JoinHandle<(VcpuEnd, ExitStats)>> = Vec::new();
-        let mut spawn_error = None;
-        let mut worker = None;
-        if !self.virtio.is_empty() {
-            match virtio::worker::Worker::start(self.virtio.clone(), self.filters.clone()) {
-                Ok(w) => worker = Some(w),
-                Err(source) => {
-                    spawn_error = Some(VmError::Os {
-                        what: "start the virtio device thread",
-                        source,
-                    })
-                }
+        let tx = self.events.0.clone();
+        let mut handle = VmHandle {
+            threads: Vec::new(),
+            worker: None,
+            pump: None,
+            start,
+            vm: None,
+        };
+        let spawned = self.spawn_threads(&mut handle, &tx);
+        handle.vm = Some(self);
+        match spawned {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                handle.finish(End::Stopped(StopReason::Requested));
+                Err(e)
             }
+        }
+    }
+
+    /// The threads of [`Vm::start`], recorded in `handle` as they start so that a
+    /// failure part-way stops the ones already running.
+    fn spawn_threads(&mut self, handle: &mut VmHandle, tx: &Sender<Event>) -> Result<(), VmError> {
+        if !self.virtio.is_empty() {
+            let w = virtio::worker::Worker::start(self.virtio.clone(), self.filters.clone())
+                .map_err(|source| VmError::Os {
+                    what: "start the virtio device thread",
+                    source,
+                })?;
+            handle.worker = Some(w);
         }
         for (id, fd) in self.vcpus.drain(..).enumerate() {
-            if spawn_error.is_some() {
-                break;
-            }
-            let spawned = spawn_vcpu(
-                id as u32,
-                fd,
-                self.shared.clone(),
-                tx.clone(),
-                self.filters.clone(),
-            );
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(source) => {
-                    spawn_error = Some(VmError::Os {
-                        what: "start a vCPU thread",
-                        source,
-                    });
-                    break;
-                }
-            }
+            let filters = self.filters.clone();
+            let t = spawn_vcpu(id as u32, fd, self.shared.clone(), tx.clone(), filters).map_err(
+                |source| VmError::Os {
+                    what: "start a vCPU thread",
+                    source,
+                },
+            )?;
+            handle.threads.push(t);
         }
-
-        let pump = if spawn_error.is_none() && self.serial_in == SerialIn::Stdin {
+        if self.serial_in == SerialIn::Stdin {
             let raw = console::RawTerminal::enable(0);
             let stop = self.stop_handle();
             let pump = console::StdinPump::start(
@@ -445,83 +456,157 @@ impl Vm {
                 raw.is_some(),
                 self.filters.clone(),
                 move || stop.stop(StopReason::Escape),
-            );
-            match pump {
-                Ok(p) => Some((p, raw)),
-                Err(source) => {
-                    spawn_error = Some(VmError::Os {
-                        what: "start the stdin thread",
-                        source,
-                    });
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        if spawn_error.is_none() && self.confine_caller {
-            let confined = seccomp::filter(seccomp::ThreadKind::Main, self.seccomp_mode)
-                .and_then(|p| seccomp::apply(seccomp::ThreadKind::Main, p.as_ref()));
-            if let Err(e) = confined {
-                spawn_error = Some(e.into());
-            }
+            )
+            .map_err(|source| VmError::Os {
+                what: "start the stdin thread",
+                source,
+            })?;
+            handle.pump = Some((pump, raw));
         }
+        if self.confine_caller {
+            seccomp::filter(seccomp::ThreadKind::Main, self.seccomp_mode)
+                .and_then(|p| seccomp::apply(seccomp::ThreadKind::Main, p.as_ref()))?;
+        }
+        Ok(())
+    }
+}
 
-        let end = match spawn_error {
-            Some(_) => End::Stopped(StopReason::Requested),
-            None => wait_for_end(rx, start, self.timeout),
+/// Where a started VM is in its life, as [`VmHandle::state`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Its vCPUs run the guest.
+    Running,
+    /// A stop was requested or the guest ended it; the threads are being stopped
+    /// and joined (by [`VmHandle::wait`]).
+    Stopping,
+}
+
+/// A running VM: what [`Vm::start`] returns. Dropping it without [`VmHandle::wait`]
+/// stops the VM and joins its threads all the same (the outcome is lost).
+pub struct VmHandle {
+    threads: Vec<JoinHandle<(VcpuEnd, ExitStats)>>,
+    worker: Option<virtio::worker::Worker>,
+    pump: Option<(console::StdinPump, Option<console::RawTerminal>)>,
+    start: Instant,
+    /// The VM itself; taken by `finish`.
+    vm: Option<Vm>,
+}
+
+impl VmHandle {
+    /// Running, or stopping once a stop was asked for or a vCPU left its run loop
+    /// (the guest ended the VM, or KVM could not go on).
+    pub fn state(&self) -> VmState {
+        let stopping = self.threads.iter().any(|t| t.is_finished())
+            || self
+                .vm
+                .as_ref()
+                .is_none_or(|vm| vm.shared.stop.load(Ordering::Acquire));
+        if stopping {
+            VmState::Stopping
+        } else {
+            VmState::Running
+        }
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        match &self.vm {
+            Some(vm) => vm.stop_handle(),
+            // Only `finish` takes the VM, and it consumes the handle.
+            None => StopHandle(mpsc::channel().0),
+        }
+    }
+
+    /// Asks the VM to stop; [`VmHandle::wait`] then returns [`End::Stopped`].
+    pub fn stop(&self, why: StopReason) {
+        self.stop_handle().stop(why);
+    }
+
+    /// Waits until the guest ends the VM, the timeout elapses or a stop is
+    /// requested, then stops every thread, joins them, tears the VM down and
+    /// returns what happened.
+    pub fn wait(mut self) -> Result<Outcome, VmError> {
+        let end = match &self.vm {
+            Some(vm) => wait_for_end(&vm.events.1, self.start, vm.timeout),
+            None => End::Stopped(StopReason::Requested),
         };
+        Ok(self.finish(end))
+    }
 
+    /// Stops and joins every thread, closes the VM, and drains the console.
+    fn finish(&mut self, end: End) -> Outcome {
+        let vm = self
+            .vm
+            .take()
+            .expect("finish runs once, and the VM is set until then");
         // Stop every vCPU: raise the flag, then signal all the threads at once, again
         // and again until every one has left KVM_RUN (a signal that lands just before
         // KVM_RUN would be missed, hence the repeat), and only then join them.
-        self.shared.stop.store(true, Ordering::Release);
-        for d in &self.virtio {
+        vm.shared.stop.store(true, Ordering::Release);
+        for d in &vm.virtio {
             d.halt();
         }
-        kick::until_all_finished(&threads);
+        kick::until_all_finished(&self.threads);
         let mut exits = ExitStats::default();
-        for t in threads {
+        for t in self.threads.drain(..) {
             if let Ok((_, stats)) = t.join() {
                 exits.merge(&stats);
             }
         }
-        let run_time = start.elapsed();
-        drop(worker); // stops and joins the device thread: no more guest memory access
-        drop(pump); // joins the stdin thread, then restores the terminal
+        let run_time = self.start.elapsed();
+        self.worker = None; // stops and joins the device thread: no more guest memory access
+        self.pump = None; // joins the stdin thread, then restores the terminal
         // Close the VM now (the vCPU fds went with their threads) to time the
         // kernel's teardown; guest memory is unmapped later, with `shared`.
         let t_teardown = Instant::now();
-        if !self.pit {
-            delete_memory_slots(&self.vm, &self.shared.mem);
+        if !vm.pit {
+            delete_memory_slots(&vm.vm, &vm.shared.mem);
         }
-        drop(self.vm);
+        let Vm {
+            vm: vm_fd,
+            shared,
+            events,
+            build_time,
+            boot,
+            vcpu_count,
+            memory_mib,
+            timeout,
+            virtio,
+            ..
+        } = vm;
+        drop(vm_fd);
         let teardown_time = t_teardown.elapsed();
-        if let Some(e) = spawn_error {
-            return Err(e);
-        }
         let console = {
-            let com1 = lock(&self.shared.devices.serial);
-            let deadline = self.timeout.map(|t| start + t);
-            drain_console(com1.writer(), &end, rx, deadline);
+            let com1 = lock(&shared.devices.serial);
+            let deadline = timeout.map(|t| self.start + t);
+            drain_console(com1.writer(), &end, &events.1, deadline);
             com1.writer().stats()
         };
-        Ok(Outcome {
+        Outcome {
             end,
-            build_time: self.build_time,
+            build_time,
             run_time,
             teardown_time,
             first_output: console
                 .first_byte
-                .map(|t| t.saturating_duration_since(start)),
+                .map(|t| t.saturating_duration_since(self.start)),
             console_bytes: console.bytes,
             console_dropped: console.dropped,
-            vcpus: self.vcpu_count,
-            memory_mib: self.memory_mib,
-            format: self.boot.format,
+            vcpus: vcpu_count,
+            memory_mib,
+            format: boot.format,
             exits,
-            devices: self.virtio.iter().map(|d| d.report()).collect(),
-        })
+            devices: virtio.iter().map(|d| d.report()).collect(),
+        }
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if self.vm.is_some() {
+            self.finish(End::Stopped(StopReason::Requested));
+        }
     }
 }
 
