@@ -27,6 +27,7 @@
 
 pub mod check;
 pub mod exec;
+pub mod launch;
 pub mod output;
 pub mod pool;
 pub mod scheduler;

@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use minivmm::launch;
 use minivmm::outln;
 use minivmm::vmm::{config, hostfile, status};
-use minivmm::{End, Outcome, SerialIn, SerialOut, StopReason, Vm, VmConfig};
+use minivmm::{End, Outcome, SerialIn, SerialOut, StopReason, VmConfig};
 
 /// minivmm: boot a kernel in a KVM virtual machine.
 #[derive(Parser)]
@@ -366,35 +367,17 @@ fn run(args: RunArgs, started: Instant) -> i32 {
         virtio_console: None,
         seccomp: args.sandbox.seccomp,
     };
-    match admit_and_run(config, || admit(&args)) {
+    match launch::admit_and_run(config, || admit(&args), || ()) {
         Ok(outcome) => {
             report(&args, json_file, &outcome, started);
             outcome.exit_status()
         }
-        Err(RunError::Stopped(n)) => {
-            eprintln!("minivmm: stopped by signal {n} before the VM started");
-            let status = 128 + n;
-            if args.json || args.json_out.is_some() {
-                let line = serde_json::json!({
-                    "reason": "stopped",
-                    "error": null,
-                    "exit_code": status,
-                });
-                emit_json(&args, json_file, &line.to_string());
-            }
-            status
-        }
-        Err(RunError::Failed(e)) => {
+        Err(e) => {
             eprintln!("minivmm: {e}");
             if args.json || args.json_out.is_some() {
-                let line = serde_json::json!({
-                    "reason": "vmm-error",
-                    "error": e,
-                    "exit_code": status::VMM_ERROR,
-                });
-                emit_json(&args, json_file, &line.to_string());
+                emit_json(&args, json_file, &e.summary().to_string());
             }
-            status::VMM_ERROR
+            e.exit_status()
         }
     }
 }
@@ -434,10 +417,17 @@ fn exec(args: ExecArgs, started: Instant) -> i32 {
         if args.no_ledger {
             return Ok(None);
         }
-        let pool = args.pool.as_deref();
-        admit_vm(None, Path::new("exec"), args.vcpus, args.memory, &[], pool)
+        launch::admit(&launch::Admission {
+            name: None,
+            kernel: Path::new("exec"),
+            vcpus: args.vcpus,
+            memory_mib: args.memory,
+            disks: &[],
+            pool: args.pool.as_deref(),
+        })
+        .map(Some)
     };
-    let (status, json) = match admit_and_run(config, admit) {
+    let (status, json) = match launch::admit_and_run(config, admit, || ()) {
         Ok(outcome) => {
             let f = pending.finish(&outcome);
             if let Some(r) = &f.reason {
@@ -446,7 +436,7 @@ fn exec(args: ExecArgs, started: Instant) -> i32 {
             if let Some(t) = &f.console_tail {
                 eprintln!("--- the guest's console, last lines ---\n{t}\n---");
             }
-            let mut j = summary(&outcome, started);
+            let mut j = launch::summary(&outcome, started);
             j["exit_code"] = f.status.into();
             j["vm_exit_code"] = outcome.exit_status().into();
             j["reason"] = f.reason.clone().unwrap_or_else(|| "exited".into()).into();
@@ -457,19 +447,13 @@ fn exec(args: ExecArgs, started: Instant) -> i32 {
                 .into();
             (f.status, j)
         }
-        Err(RunError::Stopped(n)) => {
-            eprintln!("minivmm exec: stopped by signal {n} before the VM started");
-            (
-                128 + n,
-                serde_json::json!({"reason": "stopped", "exit_code": 128 + n}),
-            )
+        Err(e @ launch::LaunchError::Stopped(_)) => {
+            eprintln!("minivmm exec: {e}");
+            (e.exit_status(), e.summary())
         }
-        Err(RunError::Failed(e)) => {
+        Err(e) => {
             eprintln!("minivmm exec: {e} (kernel {})", kernel.display());
-            (
-                status::VMM_ERROR,
-                serde_json::json!({"reason": "vmm-error", "error": e, "exit_code": status::VMM_ERROR}),
-            )
+            (e.exit_status(), e.summary())
         }
     };
     if let Some(mut f) = json_file.as_ref()
@@ -495,100 +479,20 @@ fn open_json_out(path: Option<&Path>, who: &str) -> Result<Option<File>, ()> {
     }
 }
 
-/// Validates `config`, claims its resources with `admit`, builds the VM and runs
-/// it, with every catchable signal stopping it cleanly (see [`signals`]).
-fn admit_and_run(
-    config: VmConfig,
-    admit: impl FnOnce() -> Result<Option<minivmm::pool::Claim>, String>,
-) -> Result<Outcome, RunError> {
-    let signals = signals::watch(config.seccomp).map_err(RunError::Failed)?;
-    let stopped = || signals.received().map(RunError::Stopped);
-    config
-        .validate()
-        .map_err(|e| RunError::Failed(e.to_string()))?;
-    // Admission: the VM's vCPUs and memory are claimed on this host before the VM
-    // exists, and released when `_claim` drops, however the VM ends. A signal makes
-    // a wait for a locked pool give up: it is the reason then, not the lock.
-    let _claim = admit().map_err(|e| stopped().unwrap_or(RunError::Failed(e)))?;
-    if let Some(e) = stopped() {
-        return Err(e);
-    }
-    let mut vm = Vm::new(config).map_err(|e| RunError::Failed(e.to_string()))?;
-    // Once the VM's threads run, this one only waits, tears down, releases, reports.
-    vm.confine_caller();
-    // A signal that came while the VM was being built stops it at once.
-    signals.attach(vm.stop_handle());
-    vm.run().map_err(|e| RunError::Failed(e.to_string()))
-}
-
-/// Why `run` ended without an [`Outcome`].
-#[derive(Debug, thiserror::Error)]
-enum RunError {
-    /// minivmm could not build or run the VM (status 125), with the message.
-    #[error("{0}")]
-    Failed(String),
-    /// A signal (its number) stopped minivmm before the VM ran (status 128 + n).
-    #[error("stopped by signal {0} before the VM started")]
-    Stopped(i32),
-}
-
-fn admit(args: &RunArgs) -> Result<Option<minivmm::pool::Claim>, String> {
+/// `run`'s admission: the VM's vCPUs, memory and disks, unless --no-ledger.
+fn admit(args: &RunArgs) -> Result<Option<minivmm::pool::Claim>, launch::LaunchError> {
     if args.no_ledger {
         return Ok(None);
     }
-    admit_vm(
-        args.name.as_deref(),
-        &args.kernel,
-        args.vcpus,
-        args.memory,
-        &args.disk,
-        args.pool.as_deref(),
-    )
-}
-
-/// Claims a VM's vCPUs, memory and disks on this host in the ledger; the claim is
-/// released when it drops.
-fn admit_vm(
-    name: Option<&str>,
-    kernel: &Path,
-    vcpus: u32,
-    memory: u64,
-    disks: &[config::DiskSpec],
-    pool: Option<&Path>,
-) -> Result<Option<minivmm::pool::Claim>, String> {
-    let name = name.map(str::to_string).unwrap_or_else(|| {
-        let stem = kernel.file_name().unwrap_or_default().to_string_lossy();
-        let stem: String = stem
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        format!("{stem}-{}", std::process::id())
-    });
-    let ledger = minivmm::pool::Ledger::open(pool).map_err(|e| {
-        format!("cannot open the pool ledger: {e} (give --pool PATH, or run with --no-ledger)")
-    })?;
-    // The disks' sizes, rounded up to whole GiB. An image that cannot be read is
-    // counted as 0 here and refused, with the reason, when the VM is built.
-    let disk_bytes: u64 = disks
-        .iter()
-        .filter_map(|d| std::fs::metadata(&d.path).ok())
-        .map(|m| m.len())
-        .sum();
-    let disk_gib = disk_bytes.div_ceil(1 << 30);
-    ledger.claim_local(&name, vcpus, memory, disk_gib).map(Some).map_err(|e| {
-        // A pool this run created and could not use is not left behind, empty.
-        ledger.discard_if_unused();
-        format!(
-            "the ledger refused the VM: {e}. See `minivmm pool status`; raise this host's capacity with `minivmm pool set-host`, or run with --no-ledger (pool: {})",
-            ledger.path().display()
-        )
+    launch::admit(&launch::Admission {
+        name: args.name.as_deref(),
+        kernel: &args.kernel,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        disks: &args.disk,
+        pool: args.pool.as_deref(),
     })
+    .map(Some)
 }
 
 /// Prints what the user needs after the VM ended: a failure report on stderr, the
@@ -625,39 +529,8 @@ fn report(args: &RunArgs, json_file: Option<&File>, o: &Outcome, started: Instan
         }
     }
     if args.json || args.json_out.is_some() {
-        emit_json(args, json_file, &summary(o, started).to_string());
+        emit_json(args, json_file, &launch::summary(o, started).to_string());
     }
-}
-
-fn summary(o: &Outcome, started: Instant) -> serde_json::Value {
-    let exits: serde_json::Map<String, serde_json::Value> = minivmm::vmm::ExitKind::ALL
-        .iter()
-        .map(|k| (k.name().to_string(), o.exits.count[*k as usize].into()))
-        .collect();
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-    serde_json::json!({
-        "reason": o.end.name(),
-        "exit_code": o.exit_status(),
-        "debug_exit_value": match o.end { End::DebugExit(v) => Some(v), _ => None },
-        "wall_ms": ms(started.elapsed()),
-        "build_ms": ms(o.build_time),
-        "run_ms": ms(o.run_time),
-        "teardown_ms": ms(o.teardown_time),
-        "first_output_ms": o.first_output.map(ms),
-        "console_bytes": o.console_bytes,
-        "console_dropped_bytes": o.console_dropped,
-        "vcpus": o.vcpus,
-        "memory_mib": o.memory_mib,
-        "kernel_format": o.format,
-        "exits": exits,
-        "exits_total": o.exits.total(),
-        "devices": o.devices,
-        "error": match &o.end {
-            End::GuestError(f) => Some(f.to_string()),
-            End::VmmBug(what) => Some(what.clone()),
-            _ => None,
-        },
-    })
 }
 
 /// Writes the JSON line to `json_file` (--json-out, opened by `run`) or stdout.
@@ -672,152 +545,6 @@ fn emit_json(args: &RunArgs, json_file: Option<&File>, line: &str) {
         None => {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
-        }
-    }
-}
-
-/// Every signal whose default action would end the process and that a process may
-/// catch stops the VM cleanly instead (the terminal is restored and the ledger claim
-/// released): they are blocked in every thread and received by one thread with
-/// sigwait(2), and the VM ends with status 128 + the signal's number.
-///
-/// Left out, and why:
-/// - SIGKILL and SIGSTOP cannot be caught or blocked;
-/// - SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP and SIGSYS report a fault of the thread
-///   that gets them (a blocked one is forced through by the kernel anyway), and
-///   SIGABRT is abort(3)'s, which unblocks it: they must stay fatal;
-/// - SIGPIPE is ignored by the Rust runtime from the start (SIG_IGN), so a write to a
-///   closed pipe fails with EPIPE instead (`minivmm::output` turns that into 141 for
-///   `pool` and `check`); it does not end minivmm;
-/// - the real-time signal that kicks vCPU threads out of KVM_RUN
-///   ([`minivmm::vmm::kick_signal`]), which must reach them.
-///
-/// SIGCHLD, SIGURG, SIGWINCH and SIGCONT are ignored by default; SIGTSTP, SIGTTIN and
-/// SIGTTOU stop the process rather than end it: none of them is taken.
-mod signals {
-    use std::sync::atomic::{AtomicI32, Ordering};
-    use std::sync::{Arc, Mutex};
-
-    use minivmm::{StopHandle, StopReason};
-
-    /// The standard signals whose default action is to terminate the process (with or
-    /// without a core dump), per signal(7), less those explained above.
-    const TERMINATING: [libc::c_int; 13] = [
-        libc::SIGHUP,
-        libc::SIGINT,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGALRM,
-        libc::SIGTERM,
-        libc::SIGSTKFLT,
-        libc::SIGXCPU,
-        libc::SIGXFSZ,
-        libc::SIGVTALRM,
-        libc::SIGPROF,
-        libc::SIGIO,
-    ];
-
-    /// [`TERMINATING`], SIGPWR, and the real-time signals SIGRTMIN..=SIGRTMAX (which
-    /// terminate by default too) but the vCPU kick.
-    pub fn all() -> Vec<libc::c_int> {
-        let kick = minivmm::vmm::kick_signal();
-        let realtime = (libc::SIGRTMIN()..=libc::SIGRTMAX()).filter(|&s| s != kick);
-        TERMINATING
-            .into_iter()
-            .chain([libc::SIGPWR])
-            .chain(realtime)
-            .collect()
-    }
-
-    fn set() -> libc::sigset_t {
-        // SAFETY: sigset_t is plain data initialised by sigemptyset; sigaddset only
-        // sets bits in it (and refuses numbers glibc reserves for itself).
-        unsafe {
-            let mut s: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut s);
-            for sig in all() {
-                libc::sigaddset(&mut s, sig);
-            }
-            s
-        }
-    }
-
-    /// Blocks the signals in this thread and every thread it starts later.
-    fn block() -> Result<(), String> {
-        let s = set();
-        // SAFETY: valid signal set; the old mask is not needed.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &s, std::ptr::null_mut()) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(format!("cannot block signals: errno {rc}"))
-        }
-    }
-
-    /// What the signal thread shares with `run`.
-    #[derive(Default)]
-    struct Shared {
-        /// The first signal received; 0 while none was.
-        received: AtomicI32,
-        /// The VM to stop, once there is one.
-        vm: Mutex<Option<StopHandle>>,
-    }
-
-    /// The signal thread, from before admission to the end of the VM.
-    pub struct Watcher(Arc<Shared>);
-
-    /// Blocks the signals, in this thread and every thread started later, and starts
-    /// the thread that receives them with sigwait(2). From then on a signal is never
-    /// lost: before the VM exists it makes waits for a locked pool give up
-    /// ([`minivmm::pool::interrupt_waits`]) and is remembered for [`Watcher::attach`];
-    /// after, it stops the VM.
-    pub fn watch(mode: minivmm::vmm::seccomp::SeccompMode) -> Result<Watcher, String> {
-        use minivmm::vmm::seccomp::{ThreadKind, apply, filter};
-        let prog = filter(ThreadKind::Signals, mode).map_err(|e| e.to_string())?;
-        block()?;
-        let shared = Arc::new(Shared::default());
-        let thread = shared.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                // This thread must receive signals whatever happens: a filter the
-                // kernel refuses is reported, not fatal (it runs no guest code).
-                if let Err(e) = apply(ThreadKind::Signals, prog.as_ref()) {
-                    log::error!("signal thread: {e}");
-                }
-                let s = set();
-                let mut sig = 0;
-                // SAFETY: valid set and out-pointer.
-                if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
-                    return;
-                }
-                thread.received.store(sig, Ordering::SeqCst);
-                minivmm::pool::interrupt_waits();
-                let vm = thread.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(vm) = vm {
-                    vm.stop(StopReason::Signal(sig));
-                }
-            })
-            .map(|_| Watcher(shared))
-            .map_err(|e| format!("cannot start the signal thread: {e}"))
-    }
-
-    impl Watcher {
-        /// The signal received so far, if any.
-        pub fn received(&self) -> Option<i32> {
-            Some(self.0.received.load(Ordering::SeqCst)).filter(|&n| n != 0)
-        }
-
-        /// Hands the VM to the signal thread; stops it at once if a signal came
-        /// already. (The thread records the signal before it takes the lock, and this
-        /// looks under the lock, so a signal is never missed between the two.)
-        pub fn attach(&self, stop: StopHandle) {
-            let mut vm = self.0.vm.lock().unwrap_or_else(|p| p.into_inner());
-            match self.received() {
-                Some(sig) => stop.stop(StopReason::Signal(sig)),
-                None => *vm = Some(stop),
-            }
         }
     }
 }

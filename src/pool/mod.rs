@@ -157,6 +157,20 @@ pub enum PoolError {
     },
 }
 
+impl PoolError {
+    /// Whether this is the ledger saying "it does not fit here" (capacity, a
+    /// disabled or full host, an anti-affinity group), rather than a failure.
+    pub fn is_no_fit(&self) -> bool {
+        matches!(
+            self,
+            PoolError::Insufficient { .. }
+                | PoolError::HostDisabled(_)
+                | PoolError::HostFull { .. }
+                | PoolError::GroupConflict { .. }
+        )
+    }
+}
+
 /// The default pool file: $MINIVMM_POOL, else $XDG_STATE_HOME/minivmm/pool.db, else
 /// ~/.local/state/minivmm/pool.db.
 pub fn default_path() -> Result<PathBuf, PoolError> {
