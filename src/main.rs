@@ -42,6 +42,11 @@ enum Command {
     /// output, and its exit status, become this process's.
     #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
+    /// The host agent: run VMs on request, behind an HTTP/JSON API on a Unix socket.
+    #[command(after_help = SERVE_HELP)]
+    Serve(minivmm::api::cli::ServeArgs),
+    /// Create, list, show, stop and delete the agent's VMs, and read their consoles.
+    Vm(minivmm::api::cli::VmArgs),
     /// Check whether this host can run VMs, and which KVM it has.
     Check {
         /// Print the report as one JSON object.
@@ -49,6 +54,19 @@ enum Command {
         json: bool,
     },
 }
+
+const SERVE_HELP: &str = "\
+Each VM runs in a `minivmm run` process of its own (its own session: it outlives
+the agent), which claims its resources in the pool's ledger and releases them when
+it ends. Killed or restarted, the agent adopts the VMs still running from
+--state-dir. Whoever can connect to the socket (mode 0600) can run VMs with the
+files in the --images directories, and nothing else.
+
+Example:
+  minivmm serve --images ~/images &
+  minivmm vm create web --kernel bzImage --initrd initrd.cpio.gz --vcpus 2 --memory 1G
+  minivmm vm list
+  curl --unix-socket ~/.local/state/minivmm/agent.sock http://x/v1/vms";
 
 const EXEC_HELP: &str = "\
 The guest boots the kernel (default: this machine's, /boot/vmlinuz-$(uname -r), with
@@ -224,6 +242,10 @@ struct RunArgs {
     /// Run without claiming vCPUs and memory in the ledger.
     #[arg(long)]
     no_ledger: bool,
+    /// For `minivmm serve`: write "running" to this open file descriptor (a pipe)
+    /// once the vCPUs run, then close it.
+    #[arg(long, value_name = "FD", hide = true)]
+    ready_fd: Option<i32>,
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -290,6 +312,8 @@ fn main() -> ExitCode {
         Command::Check { json } => check(json),
         Command::Run(args) => run(args, started),
         Command::Exec(args) => exec(args, started),
+        Command::Serve(args) => minivmm::api::cli::serve(args),
+        Command::Vm(args) => minivmm::api::cli::vm(args),
         Command::Pool(args) => minivmm::pool::cli::run(args).unwrap_or_else(|e| {
             eprintln!("minivmm: {e}");
             status::VMM_ERROR
@@ -367,7 +391,21 @@ fn run(args: RunArgs, started: Instant) -> i32 {
         virtio_console: None,
         seccomp: args.sandbox.seccomp,
     };
-    match launch::admit_and_run(config, || admit(&args), || ()) {
+    let ready = match args.ready_fd.map(ready_pipe).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("minivmm: {e}");
+            return status::VMM_ERROR;
+        }
+    };
+    let on_start = move || {
+        if let Some(mut f) = ready
+            && let Err(e) = f.write_all(b"running\n")
+        {
+            log::warn!("--ready-fd: {e}");
+        }
+    };
+    match launch::admit_and_run(config, || admit(&args), on_start) {
         Ok(outcome) => {
             report(&args, json_file, &outcome, started);
             outcome.exit_status()
@@ -477,6 +515,21 @@ fn open_json_out(path: Option<&Path>, who: &str) -> Result<Option<File>, ()> {
             Err(())
         }
     }
+}
+
+/// The --ready-fd descriptor as a file, if it is an open one (it is closed when
+/// the file drops).
+fn ready_pipe(fd: i32) -> Result<File, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only asks whether the descriptor is open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!(
+            "--ready-fd {fd}: not an open file descriptor above 2"
+        ));
+    }
+    // SAFETY: open (checked above), and handed to minivmm for its own use by the
+    // agent that started it; nothing else in this process uses it.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// `run`'s admission: the VM's vCPUs, memory and disks, unless --no-ledger.

@@ -166,7 +166,7 @@ impl fmt::Debug for ConsoleOut {
 }
 
 /// One `--share DIR[,tag=T][,ro]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShareSpec {
     /// The host directory.
     pub path: PathBuf,
@@ -218,7 +218,7 @@ impl std::str::FromStr for ShareSpec {
 }
 
 /// One `--disk FILE[,ro]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     /// The raw image file.
     pub path: PathBuf,
