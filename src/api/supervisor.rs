@@ -109,6 +109,8 @@ struct Record {
     generation: u64,
     /// A stop or delete was asked for: no restart.
     stop_requested: bool,
+    /// Its process has been started and has not said yet that it runs.
+    spawning: bool,
 }
 
 /// The VMs of this agent.
@@ -212,6 +214,7 @@ impl Supervisor {
                 error: None,
                 generation: 1,
                 stop_requested: false,
+                spawning: false,
             };
             let live = run.as_ref().filter(|r| alive(r.pid, r.start_time));
             match live {
@@ -262,6 +265,7 @@ impl Supervisor {
                     restarts: 0,
                     generation: 0,
                     stop_requested: false,
+                    spawning: false,
                 },
             );
         }
@@ -303,47 +307,65 @@ impl Supervisor {
         let dir = self.dir(name);
         let _ = std::fs::remove_file(dir.join("outcome.json"));
         let _ = std::fs::remove_file(dir.join("run.json"));
-        let mut child = self.spawn(&dir, &spec, &resolved)?;
-        let ready = child.ready;
-        let pid = child.process.id();
-        let run = ready
-            .then(|| process_start_time(pid))
-            .flatten()
-            .map(|start_time| RunFile {
-                pid,
-                start_time,
-                started_at: now(),
-                restarts: self.lock().get(name).map_or(0, |r| r.restarts),
-            });
-        let Some(run) = run else {
+        let (mut process, ready_pipe) = self.spawn(&dir, &spec, &resolved)?;
+        let pid = process.id();
+        // Recorded before the wait, so that an agent killed meanwhile finds (and
+        // adopts, or accounts for) the VM process when it comes back.
+        let run = process_start_time(pid).map(|start_time| RunFile {
+            pid,
+            start_time,
+            started_at: now(),
+            restarts: self.lock().get(name).map_or(0, |r| r.restarts),
+        });
+        if let Some(run) = &run {
+            write_json(&dir.join("run.json"), run)?;
+            let mut vms = self.lock();
+            if let Some(r) = vms.get_mut(name) {
+                r.run = Some(run.clone());
+                r.spawning = true;
+            }
+        }
+        let ready = run.is_some() && wait_ready(ready_pipe, READY_TIMEOUT);
+        let mut vms = self.lock();
+        let rec = vms.get_mut(name);
+        let (true, Some(r), Some(run)) = (ready, rec, run) else {
+            drop(vms);
             // It is ending (or hung) before its vCPUs ran: it tells why in
             // outcome.json, written after it closed the pipe, so give it time.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while child.process.try_wait().ok().flatten().is_none() {
+            while process.try_wait().ok().flatten().is_none() {
                 if Instant::now() >= deadline {
-                    let _ = child.process.kill();
+                    let _ = process.kill();
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let _ = child.process.wait();
-            return Err(start_failure(&dir));
-        };
-        write_json(&dir.join("run.json"), &run)?;
-        {
+            let status = process.wait().ok();
+            let outcome: Option<Value> = read_json(&dir.join("outcome.json"));
+            let err = start_failure(&dir);
             let mut vms = self.lock();
-            let r = vms.get_mut(name).ok_or_else(|| gone(name))?;
-            r.run = Some(run);
-            r.outcome = None;
-            r.error = None;
-            if r.state == State::Starting {
-                r.state = State::Running;
+            if let Some(r) = vms.get_mut(name) {
+                // A stop that came while it started: that is how it ended.
+                r.spawning = false;
+                classify(r, outcome, status);
             }
+            drop(vms);
+            self.changed.notify_all();
+            return Err(err);
+        };
+        r.spawning = false;
+        r.outcome = None;
+        r.error = None;
+        r.state = State::Running;
+        if r.stop_requested {
+            // Stopped while it was starting: it ends now.
+            r.state = State::Stopping;
+            signal(run.pid, run.start_time, libc::SIGTERM);
         }
+        drop(vms);
         self.changed.notify_all();
         let sup = self.clone();
         let name = name.to_string();
-        let mut process = child.process;
         std::thread::Builder::new()
             .name(format!("watch-{name}"))
             .spawn(move || {
@@ -354,8 +376,9 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts `minivmm run` for the VM and waits for its ready line.
-    fn spawn(&self, dir: &Path, spec: &VmSpec, r: &Resolved) -> Result<Spawned, ApiError> {
+    /// Starts `minivmm run` for the VM; returns it and the pipe its ready line
+    /// comes on.
+    fn spawn(&self, dir: &Path, spec: &VmSpec, r: &Resolved) -> Result<(Child, OwnedFd), ApiError> {
         let mut fds = [0; 2];
         // SAFETY: fds is a valid out-array of two ints.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -416,8 +439,7 @@ impl Supervisor {
         }
         let process = cmd.spawn().map_err(internal("start the VM process"))?;
         drop(wr);
-        let ready = wait_ready(rd, READY_TIMEOUT);
-        Ok(Spawned { process, ready })
+        Ok((process, rd))
     }
 
     /// A VM process ended (`status` when it was our child): records how, and
@@ -486,6 +508,11 @@ impl Supervisor {
             r.stop_requested = true;
             match r.state {
                 State::Running | State::Stopping => {
+                    r.state = State::Stopping;
+                    r.run.as_ref().map(|run| (run.pid, run.start_time))
+                }
+                // Its process is starting: it is stopped as soon as it runs.
+                State::Starting if r.spawning => {
                     r.state = State::Stopping;
                     r.run.as_ref().map(|run| (run.pid, run.start_time))
                 }
@@ -694,12 +721,6 @@ impl Supervisor {
         );
         m
     }
-}
-
-struct Spawned {
-    process: Child,
-    /// It wrote its ready line.
-    ready: bool,
 }
 
 fn state_name(s: State) -> &'static str {
