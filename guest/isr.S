@@ -15,7 +15,7 @@
 	jmp isr_common
 	.endm
 
-	/* One 16-byte stub per vector: 0-31, then 0x30, 0x32, 0x34, 0xff
+	/* One 16-byte stub per vector: 0-31, then 0x30, 0x32, 0x34, 0x39, 0xff
 	 * (irq.c fills the IDT from this layout). */
 	.globl isr_stubs
 	.p2align 4
@@ -26,6 +26,7 @@ isr_stubs:
 	STUB 0x30
 	STUB 0x32
 	STUB 0x34
+	STUB 0x39
 	STUB 0xff
 
 isr_common:

@@ -24,7 +24,7 @@ impl Agent {
     fn start(name: &str) -> Agent {
         let dir = scratch(name);
         std::fs::create_dir_all(dir.join("images")).unwrap();
-        for g in ["echo.elf", "hello.elf"] {
+        for g in ["echo.elf", "hello.elf", "irq.elf"] {
             let from = Path::new(env!("MINIVMM_GUEST_DIR")).join(g);
             std::fs::copy(from, dir.join("images").join(g)).unwrap();
         }
@@ -313,6 +313,62 @@ fn serve_runs_lists_stops_and_deletes_vms() {
         assert!(o.status.success(), "{}", stderr(&o));
     }
     assert_eq!(agent.vm_json(&["list"]), serde_json::json!([]));
+    agent.assert_clean();
+}
+
+/// A stop presses the ACPI power button: a guest that listens powers off by itself
+/// (exit 0, reason poweroff); one that does not is stopped at once, not after the
+/// grace period.
+#[test]
+fn a_stop_asks_the_guest_to_power_off() {
+    if !kvm_or_skip("a_stop_asks_the_guest_to_power_off") {
+        return;
+    }
+    let agent = Agent::start("serve-stop");
+    agent.vm_json(&[
+        "create",
+        "acpi",
+        "--kernel",
+        "irq.elf",
+        "--cmdline",
+        "sci=1",
+    ]);
+    agent.vm_json(&["create", "deaf", "--kernel", "echo.elf"]);
+    // Until the guest has enabled the event, a press would be lost.
+    let t0 = Instant::now();
+    while !stdout(&agent.vm(&["logs", "acpi"])).contains("waiting for the power button") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            stdout(&agent.vm(&["logs", "acpi"]))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = agent.vm_json(&["stop", "acpi", "--wait"]);
+    assert_eq!(
+        (
+            v["state"].as_str(),
+            v["reason"].as_str(),
+            v["exit_code"].as_i64()
+        ),
+        (Some("exited"), Some("poweroff"), Some(0)),
+        "{v}"
+    );
+    assert!(stdout(&agent.vm(&["logs", "acpi"])).contains("power button ok"));
+    let t0 = Instant::now();
+    let v = agent.vm_json(&["stop", "deaf", "--wait"]);
+    assert_eq!(
+        (v["reason"].as_str(), v["exit_code"].as_i64()),
+        (Some("stopped"), Some(128 + 30)),
+        "{v}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "waited out the 5 s grace period"
+    );
+    for n in ["acpi", "deaf"] {
+        assert!(agent.vm(&["delete", n]).status.success());
+    }
     agent.assert_clean();
 }
 

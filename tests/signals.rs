@@ -210,3 +210,64 @@ fn sigterm_interrupts_admission_on_a_locked_pool() {
     let left = common::allocations(&pool);
     assert!(left.is_empty(), "claims left: {left:?}");
 }
+
+/// Waits until `file` holds `text`; panics if `child` ends first or after 30 s.
+fn wait_for_text(file: &Path, text: &str, child: &mut KillOnDrop) {
+    let t0 = Instant::now();
+    loop {
+        if std::fs::read_to_string(file).is_ok_and(|s| s.contains(text)) {
+            return;
+        }
+        if let Some(st) = child.0.try_wait().unwrap() {
+            panic!("minivmm ended ({st}) before printing {text:?}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no {text:?} in {}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGPWR presses the ACPI power button: a guest that enabled the event gets the
+/// SCI, sees PWRBTN_STS, clears it and powers off (status 0); one that did not is
+/// stopped at once, like any other signal (128 + SIGPWR).
+#[test]
+fn sigpwr_presses_the_power_button_of_a_guest_that_listens() {
+    if !common::kvm_or_skip("sigpwr_presses_the_power_button_of_a_guest_that_listens") {
+        return;
+    }
+    let s = Scratch::new("sigpwr");
+    let guests = Path::new(env!("MINIVMM_GUEST_DIR"));
+    for (guest, cmdline, ready, status) in [
+        ("irq.elf", "sci=1", "irq: waiting for the power button", 0),
+        ("echo.elf", "", "echo: ready", 128 + libc::SIGPWR),
+    ] {
+        let console = s.0.join(format!("{guest}.log"));
+        let err = s.0.join(format!("{guest}.err"));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_minivmm"));
+        c.args(["run", "--no-ledger", "--cmdline", cmdline, "--kernel"])
+            .arg(guests.join(guest))
+            .arg("--serial-out")
+            .arg(&console)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap());
+        let mut child = KillOnDrop(c.spawn().expect("start minivmm"));
+        wait_for_text(&console, ready, &mut child);
+        common::signal(&child.0, libc::SIGPWR);
+        let code = wait_or_kill(&mut child.0, Duration::from_secs(30));
+        let out = std::fs::read_to_string(&console).unwrap();
+        let err = std::fs::read_to_string(&err).unwrap();
+        assert_eq!(
+            code,
+            Some(status),
+            "{guest}: console:\n{out}\nstderr:\n{err}"
+        );
+        if status == 0 {
+            assert!(out.contains("irq: power button ok (ioapic pin 9)"), "{out}");
+        } else {
+            assert!(err.contains("stopped by signal 30"), "{err}");
+        }
+    }
+}

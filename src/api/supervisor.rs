@@ -40,6 +40,10 @@ use crate::pool::owner::process_start_time;
 /// slow disk, seconds).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a VM process may take to end after SIGTERM before it is killed: its
+/// teardown takes milliseconds, so this is only for one that is stuck.
+const KILL_AFTER: Duration = Duration::from_secs(5);
+
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -133,9 +137,10 @@ fn internal(what: &str) -> impl Fn(std::io::Error) -> ApiError + '_ {
     move |e| ApiError::Internal(format!("cannot {what}: {e}"))
 }
 
-/// Whether the process `pid` is the one that started at `start_time`.
+/// Whether the process `pid` is the one that started at `start_time`, and has not
+/// ended.
 fn alive(pid: u32, start_time: u64) -> bool {
-    process_start_time(pid) == Some(start_time)
+    crate::pool::owner::process_alive(pid, start_time)
 }
 
 impl Supervisor {
@@ -497,10 +502,12 @@ impl Supervisor {
         }
     }
 
-    /// `POST /v1/vms/{name}/stop`: SIGTERM to the VM process, which stops the VM at
-    /// once and cleanly (threads joined, claim released, outcome written); if it
-    /// has not ended after the grace period it is killed. With `wait`, returns
-    /// when it has ended.
+    /// `POST /v1/vms/{name}/stop`: a graceful stop. SIGPWR to the VM process, which
+    /// presses the guest's ACPI power button (a guest that has not enabled the event
+    /// is stopped at once instead); if the VM has not ended after the grace period,
+    /// SIGTERM, which stops it at once and cleanly (threads joined, claim released,
+    /// outcome written); if even that has not ended it [`KILL_AFTER`] later,
+    /// SIGKILL. With `wait`, returns when it has ended.
     pub fn stop(self: &Arc<Self>, name: &str, wait: bool) -> Result<Value, ApiError> {
         let target = {
             let mut vms = self.lock();
@@ -526,21 +533,28 @@ impl Supervisor {
         };
         self.changed.notify_all();
         if let Some((pid, start_time)) = target {
-            signal(pid, start_time, libc::SIGTERM);
+            // SIGPWR: the VM process presses the guest's ACPI power button, or, if
+            // the guest has not enabled that event, stops the VM at once.
+            signal(pid, start_time, libc::SIGPWR);
             let sup = self.clone();
             let name2 = name.to_string();
             let escalate = move || {
-                if !sup.wait_ended(&name2, sup.cfg.stop_grace) {
-                    log::warn!(
-                        "VM {name2} did not stop within {:?}: killing it",
-                        sup.cfg.stop_grace
-                    );
+                if sup.wait_ended(&name2, sup.cfg.stop_grace) {
+                    return;
+                }
+                log::warn!(
+                    "VM {name2} did not shut down within {:?}: stopping it",
+                    sup.cfg.stop_grace
+                );
+                signal(pid, start_time, libc::SIGTERM);
+                if !sup.wait_ended(&name2, KILL_AFTER) {
+                    log::warn!("VM {name2} did not stop: killing it");
                     signal(pid, start_time, libc::SIGKILL);
                 }
             };
             if wait {
                 escalate();
-                self.wait_ended(name, Duration::from_secs(10));
+                self.wait_ended(name, KILL_AFTER);
             } else {
                 std::thread::spawn(escalate);
             }

@@ -167,6 +167,8 @@ pub fn admit_and_run(
     // A signal makes a wait for a locked pool give up: it is the reason then, not
     // the lock.
     let _claim = admit().map_err(|e| stopped().unwrap_or(e))?;
+    // From here a signal stops the VM but must not cut short the claim's release.
+    signals.admitted();
     if let Some(e) = stopped() {
         return Err(e);
     }

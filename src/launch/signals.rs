@@ -14,10 +14,14 @@
 //! - the real-time signal that kicks vCPU threads out of KVM_RUN
 //!   ([`crate::vmm::kick_signal`]), which must reach them.
 //!
+//! SIGPWR ("power failure") presses the guest's ACPI power button instead, when the
+//! guest has enabled that event, so that it can shut down by itself (the agent's
+//! stop sends it); otherwise it stops the VM like the others.
+//!
 //! SIGCHLD, SIGURG, SIGWINCH and SIGCONT are ignored by default; SIGTSTP, SIGTTIN and
 //! SIGTTOU stop the process rather than end it: none of them is taken.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::{StopHandle, StopReason};
@@ -82,6 +86,9 @@ fn block() -> Result<(), String> {
 struct Shared {
     /// The first signal received; 0 while none was.
     received: AtomicI32,
+    /// Admission is over: a signal no longer makes waits for the pool give up, so
+    /// that the claim's release at the VM's end waits its turn on a busy pool.
+    admitted: AtomicBool,
     /// The VM to stop, once there is one.
     vm: Mutex<Option<StopHandle>>,
 }
@@ -109,16 +116,31 @@ pub fn watch(mode: crate::vmm::seccomp::SeccompMode) -> Result<Watcher, String> 
                 log::error!("signal thread: {e}");
             }
             let s = set();
-            let mut sig = 0;
-            // SAFETY: valid set and out-pointer.
-            if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
-                return;
-            }
-            thread.received.store(sig, Ordering::SeqCst);
-            crate::pool::interrupt_waits();
-            let vm = thread.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(vm) = vm {
-                vm.stop(StopReason::Signal(sig));
+            loop {
+                let mut sig = 0;
+                // SAFETY: valid set and out-pointer.
+                if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
+                    return;
+                }
+                if sig == libc::SIGPWR {
+                    let vm = thread.vm.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if vm.is_some_and(|vm| vm.power_button()) {
+                        log::info!("SIGPWR: pressed the guest's power button");
+                        continue;
+                    }
+                }
+                // The first stop signal is the one reported.
+                let _ =
+                    thread
+                        .received
+                        .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+                if !thread.admitted.load(Ordering::SeqCst) {
+                    crate::pool::interrupt_waits();
+                }
+                let vm = thread.vm.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(vm) = vm {
+                    vm.stop(StopReason::Signal(sig));
+                }
             }
         })
         .map(|_| Watcher(shared))
@@ -126,6 +148,11 @@ pub fn watch(mode: crate::vmm::seccomp::SeccompMode) -> Result<Watcher, String> 
 }
 
 impl Watcher {
+    /// Says that admission is over (see `Shared::admitted`).
+    pub fn admitted(&self) {
+        self.0.admitted.store(true, Ordering::SeqCst);
+    }
+
     /// The signal received so far, if any.
     pub fn received(&self) -> Option<i32> {
         Some(self.0.received.load(Ordering::SeqCst)).filter(|&n| n != 0)

@@ -4,7 +4,6 @@
 //! start time (/proc/PID/stat field 22, clock ticks since boot) and the boot id, so a
 //! reused pid or a reboot both show the old owner as gone.
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use super::PoolError;
@@ -70,11 +69,27 @@ pub fn is_stale(owner: &Owner, local_host: &str, local_boot: &str) -> bool {
     if owner.boot_id != local_boot {
         return true;
     }
-    if !Path::new(&format!("/proc/{}", owner.pid)).exists() {
-        return true;
+    !process_alive(owner.pid, owner.start_time)
+}
+
+/// Whether the process `pid` that started at `start_time` (clock ticks since boot)
+/// still runs. A zombie does not: it has ended and only waits for its parent to reap
+/// it, which for an orphan (a VM process whose agent was restarted) is init, at a time
+/// of its choosing. (A process whose main thread alone exited also shows "Z", while
+/// its other threads run on: that one counts as running.)
+pub fn process_alive(pid: u32, start_time: u64) -> bool {
+    if process_start_time(pid) != Some(start_time) {
+        return false;
     }
-    // A zombie still has its stat: it counts as alive until reaped, which is harmless.
-    process_start_time(owner.pid) != Some(owner.start_time)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    !(field("State:").starts_with('Z') && field("Threads:") == "1")
 }
 
 #[cfg(test)]
@@ -85,6 +100,27 @@ mod tests {
     fn current_process_is_alive() {
         let me = current().expect("identity");
         assert!(!is_stale(&me, &me.host, &me.boot_id));
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("run true");
+        let pid = child.id();
+        let start = process_start_time(pid).expect("a child that is not reaped has a stat");
+        // Until it is reaped, `true` is a zombie: ended, and seen so.
+        let t0 = std::time::Instant::now();
+        while process_alive(pid, start) {
+            assert!(t0.elapsed().as_secs() < 10, "`true` never became a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(process_start_time(pid), Some(start), "still unreaped");
+        child.wait().unwrap();
+        assert!(process_alive(
+            std::process::id(),
+            process_start_time(std::process::id()).unwrap()
+        ));
     }
 
     #[test]

@@ -235,15 +235,30 @@ enum Event {
     Stop(StopReason),
 }
 
-/// Asks a running VM to stop, from any thread (a signal handler thread, a test).
+/// Asks a running VM to stop, from any thread (a signal handler thread, a test):
+/// at once, or by pressing its ACPI power button.
 #[derive(Clone)]
-pub struct StopHandle(Sender<Event>);
+pub struct StopHandle {
+    events: Sender<Event>,
+    /// Weak: a handle kept after the VM ended must not keep its devices alive.
+    devices: std::sync::Weak<Devices>,
+}
 
 impl StopHandle {
     /// Requests the stop; the VM ends with [`End::Stopped`]. Does nothing once the VM
     /// has ended.
     pub fn stop(&self, why: StopReason) {
-        let _ = self.0.send(Event::Stop(why));
+        let _ = self.events.send(Event::Stop(why));
+    }
+
+    /// Presses the VM's ACPI power button, asking the guest to shut down (see
+    /// `devices::acpi_pm`). False when the guest has not enabled the power button
+    /// event (a guest without ACPI, or not yet booted that far), or the VM has ended:
+    /// nothing will happen then.
+    pub fn power_button(&self) -> bool {
+        self.devices
+            .upgrade()
+            .is_some_and(|d| d.acpi_pm.press_power_button())
     }
 }
 
@@ -322,13 +337,16 @@ impl Vm {
         let aux_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
         vm.register_irqfd(&aux_irq, devices::i8042::AUX_IRQ)
             .map_err(ioctl("KVM_IRQFD"))?;
+        let sci = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
+        vm.register_irqfd(&sci, u32::from(boot::acpi::SCI_IRQ))
+            .map_err(ioctl("KVM_IRQFD"))?;
         let (mmio, virtio) = virtio_devices(&vm, backends, &slots, &mem)?;
         let console = serial_console(config.serial_out, &filters)?;
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(devices::serial::new_com1(com1_irq, console)),
             i8042: std::sync::Mutex::new(devices::i8042::I8042::new(kbd_irq, aux_irq)),
             cmos: Default::default(),
-            acpi_pm: Default::default(),
+            acpi_pm: devices::acpi_pm::AcpiPm::new(sci),
             mmio,
         });
 
@@ -381,7 +399,10 @@ impl Vm {
 
     /// A handle that stops this VM from another thread.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(self.events.0.clone())
+        StopHandle {
+            events: self.events.0.clone(),
+            devices: Arc::downgrade(&self.shared.devices),
+        }
     }
 
     /// Makes [`Vm::run`] install the seccomp filter of [`seccomp::ThreadKind::Main`]
@@ -514,7 +535,10 @@ impl VmHandle {
         match &self.vm {
             Some(vm) => vm.stop_handle(),
             // Only `finish` takes the VM, and it consumes the handle.
-            None => StopHandle(mpsc::channel().0),
+            None => StopHandle {
+                events: mpsc::channel().0,
+                devices: std::sync::Weak::new(),
+            },
         }
     }
 

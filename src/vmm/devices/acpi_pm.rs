@@ -9,18 +9,27 @@
 //!
 //! Writing SLP_EN with the S5 sleep type (the `_S5_` package in the DSDT says which
 //! value that is) ends the VM as a power-off. No other sleep state exists here: a
-//! request for one is logged and ignored. There are no fixed events (power button,
-//! timer overflow) and no SCI is ever raised, so the status registers read 0.
+//! request for one is logged and ignored.
+//!
+//! One fixed event exists: the **power button** (ACPI 6.5, 4.8.3.1.1 and 4.8.4.2.1),
+//! which minivmm presses to ask a guest to shut down (`minivmm run` on SIGPWR, the
+//! agent's stop). Pressing it sets PWRBTN_STS (bit 8 of PM1_STS) and, if the guest
+//! set PWRBTN_EN (bit 8 of PM1_EN), raises the SCI (the FADT's SCI_INT, GSI 9,
+//! through an irqfd); the guest's handler clears the status by writing 1 to it and,
+//! in Linux, turns the event into KEY_POWER for whatever shuts the system down
+//! (systemd-logind, acpid). The timer overflow event does not exist (no PM timer).
 //!
 //! | port        | register                                         |
 //! |-------------|--------------------------------------------------|
-//! | 0x600-0x601 | PM1a_STS: fixed event status, reads 0            |
+//! | 0x600-0x601 | PM1a_STS: PWRBTN_STS, write 1 to clear           |
 //! | 0x602-0x603 | PM1a_EN: fixed event enable, read/write          |
 //! | 0x604-0x605 | PM1a_CNT: SCI_EN always set; SLP_TYP, SLP_EN     |
 //! | 0x606       | SLEEP_CONTROL_REG: SLP_TYP, SLP_EN               |
 //! | 0x607       | SLEEP_STATUS_REG: reads 0 (no wake event)        |
 
 use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceEvent, lock};
 
@@ -54,34 +63,71 @@ const PM1_SLP_EN: u16 = 1 << 13;
 const SLEEP_SLP_TYP_SHIFT: u8 = 2;
 const SLEEP_SLP_EN: u8 = 1 << 5;
 
+/// PM1 status and enable: the power button's bit (ACPI 6.5, tables 4.13 and 4.14).
+const PWRBTN: u16 = 1 << 8;
+
 /// Byte offsets of the registers from [`PORT`].
+const PM1_STS_OFF: usize = 0;
 const PM1_EN_OFF: usize = 2;
 const PM1_CNT_OFF: usize = 4;
 const SLEEP_CONTROL_OFF: usize = 6;
 
-/// The registers' state: the 8 bytes behind ports 0x600-0x607.
+/// The registers' state: the 8 bytes behind ports 0x600-0x607, and the SCI.
 #[derive(Debug, Default)]
 pub struct AcpiPm {
     regs: Mutex<[u8; 8]>,
+    /// Bound to the SCI's GSI with KVM_IRQFD; `None` in tests and fuzzing.
+    sci: Option<EventFd>,
 }
 
 impl AcpiPm {
+    /// The registers, raising the SCI through `sci`.
+    pub fn new(sci: EventFd) -> AcpiPm {
+        AcpiPm {
+            regs: Default::default(),
+            sci: Some(sci),
+        }
+    }
+
+    /// Presses the power button: sets PWRBTN_STS and raises the SCI. Returns false,
+    /// and does nothing, when the guest has not enabled the event (PWRBTN_EN clear):
+    /// it would never look, so the caller had better stop the VM itself.
+    pub fn press_power_button(&self) -> bool {
+        let mut regs = lock(&self.regs);
+        if u16::from_le_bytes([regs[PM1_EN_OFF], regs[PM1_EN_OFF + 1]]) & PWRBTN == 0 {
+            return false;
+        }
+        regs[PM1_STS_OFF + 1] |= (PWRBTN >> 8) as u8;
+        self.raise_sci();
+        true
+    }
+
+    /// Pulses the SCI line (an eventfd write; KVM's irqfd asserts and deasserts it).
+    fn raise_sci(&self) {
+        if let Some(sci) = &self.sci
+            && let Err(e) = sci.write(1)
+        {
+            log::warn!("cannot raise the SCI: {e}");
+        }
+    }
+
     /// Handles an IN of 1, 2 or 4 bytes starting at `port`.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         let regs = lock(&self.regs);
         for (i, b) in data.iter_mut().enumerate() {
             let off = usize::from(port - PORT) + i;
             *b = match off {
-                // PM1 enable: what the guest wrote.
-                PM1_EN_OFF | 3 => regs[off],
+                // PM1 status and enable: the events pending, and what the guest
+                // enabled.
+                PM1_STS_OFF | 1 | PM1_EN_OFF | 3 => regs[off],
                 // PM1 control, low byte: SCI_EN is always on (we are in ACPI mode).
                 PM1_CNT_OFF => regs[off] | PM1_SCI_EN as u8,
                 // PM1 control, high byte: SLP_TYP as written; SLP_EN reads 0.
                 5 => regs[off] & !((PM1_SLP_EN >> 8) as u8),
                 // Sleep control: SLP_EN reads 0.
                 SLEEP_CONTROL_OFF => regs[off] & !SLEEP_SLP_EN,
-                // PM1 status, sleep status: no events, ever. Past the device: all-ones.
-                0 | 1 | 7 => 0,
+                // Sleep status: no wake events, ever. Past the device: all-ones.
+                7 => 0,
                 _ => 0xff,
             };
         }
@@ -91,12 +137,22 @@ impl AcpiPm {
     /// [`DeviceEvent::Poweroff`] when the guest enters S5.
     pub fn write(&self, port: u16, data: &[u8]) -> Option<DeviceEvent> {
         let mut regs = lock(&self.regs);
+        let pending = |r: &[u8; 8]| r[1] & r[3] != 0;
+        let was_pending = pending(&regs);
         for (i, b) in data.iter().enumerate() {
             let off = usize::from(port - PORT) + i;
-            // Status registers are write-1-to-clear and nothing is ever set: drop.
-            if matches!(off, PM1_EN_OFF | 3 | PM1_CNT_OFF | 5 | SLEEP_CONTROL_OFF) {
-                regs[off] = *b;
+            match off {
+                // PM1 status is write-1-to-clear.
+                PM1_STS_OFF | 1 => regs[off] &= !*b,
+                PM1_EN_OFF | 3 | PM1_CNT_OFF | 5 | SLEEP_CONTROL_OFF => regs[off] = *b,
+                // The sleep status register has no events to clear.
+                _ => {}
             }
+        }
+        // An event enabled while it is pending raises the SCI then, as a level
+        // interrupt would.
+        if pending(&regs) && !was_pending {
+            self.raise_sci();
         }
         let pm1_cnt = u16::from_le_bytes([regs[PM1_CNT_OFF], regs[PM1_CNT_OFF + 1]]);
         if pm1_cnt & PM1_SLP_EN != 0 {
@@ -163,12 +219,42 @@ mod tests {
     }
 
     #[test]
+    fn the_power_button_sets_its_status_and_raises_the_sci_once_enabled() {
+        let sci = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let pm = AcpiPm::new(sci.try_clone().unwrap());
+        let status = || {
+            let mut r = [0u8; 2];
+            pm.read(PM1A_EVT, &mut r);
+            u16::from_le_bytes(r)
+        };
+        // Not enabled: the guest would never look, so nothing is pressed.
+        assert!(!pm.press_power_button());
+        assert_eq!(status(), 0);
+        assert!(sci.read().is_err(), "no SCI");
+        pm.write(PM1A_EVT + 2, &PWRBTN.to_le_bytes());
+        assert!(pm.press_power_button());
+        assert_eq!(status(), PWRBTN);
+        assert_eq!(sci.read().unwrap(), 1, "one SCI");
+        // Writing 0 clears nothing; writing the bit clears it.
+        pm.write(PM1A_EVT, &[0, 0]);
+        assert_eq!(status(), PWRBTN);
+        pm.write(PM1A_EVT, &PWRBTN.to_le_bytes());
+        assert_eq!(status(), 0);
+        // Pending while disabled, then enabled: the SCI comes with the enable.
+        assert!(pm.press_power_button());
+        sci.read().unwrap();
+        pm.write(PM1A_EVT + 2, &[0, 0]);
+        pm.write(PM1A_EVT + 2, &PWRBTN.to_le_bytes());
+        assert_eq!(sci.read().unwrap(), 1);
+    }
+
+    #[test]
     fn status_reads_zero_and_enable_is_kept() {
         let pm = AcpiPm::default();
-        pm.write(PM1A_EVT, &[0xff, 0xff, 0x21, 0x01]);
+        pm.write(PM1A_EVT, &[0xff, 0xff, 0x21, 0x00]);
         let mut r = [0u8; 4];
         pm.read(PM1A_EVT, &mut r);
-        assert_eq!(r, [0, 0, 0x21, 0x01]);
+        assert_eq!(r, [0, 0, 0x21, 0x00]);
         let mut s = [0xaa];
         pm.read(SLEEP_STATUS, &mut s);
         assert_eq!(s, [0]);
