@@ -17,18 +17,29 @@ use serde_json::Value;
 struct Agent {
     dir: PathBuf,
     process: Option<KillOnDrop>,
+    /// More `serve` flags.
+    extra: Vec<String>,
 }
 
 impl Agent {
     /// Starts an agent whose --images holds the built tiny guests.
     fn start(name: &str) -> Agent {
+        Agent::start_with(name, &[])
+    }
+
+    /// As [`Agent::start`], with more `serve` flags.
+    fn start_with(name: &str, extra: &[&str]) -> Agent {
         let dir = scratch(name);
         std::fs::create_dir_all(dir.join("images")).unwrap();
         for g in ["echo.elf", "hello.elf", "irq.elf"] {
             let from = Path::new(env!("MINIVMM_GUEST_DIR")).join(g);
             std::fs::copy(from, dir.join("images").join(g)).unwrap();
         }
-        let mut a = Agent { dir, process: None };
+        let mut a = Agent {
+            dir,
+            process: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         a.restart();
         a
     }
@@ -55,6 +66,7 @@ impl Agent {
             .arg(self.pool())
             .arg("--stop-grace")
             .arg("5s")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("agent.log")).unwrap())
             .spawn()
@@ -370,6 +382,54 @@ fn a_stop_asks_the_guest_to_power_off() {
         assert!(agent.vm(&["delete", n]).status.success());
     }
     agent.assert_clean();
+}
+
+/// `--group` opens the socket to a group (0660, that group), and an unknown group
+/// is refused before anything listens.
+#[test]
+fn the_socket_can_be_opened_to_a_group() {
+    if !kvm_or_skip("the_socket_can_be_opened_to_a_group") {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: getgid(2) cannot fail; getgrgid(3)'s result is read at once.
+    let (gid, group) = unsafe {
+        let gid = libc::getgid();
+        let gr = libc::getgrgid(gid);
+        assert!(!gr.is_null(), "this process's group has no name");
+        (
+            gid,
+            std::ffi::CStr::from_ptr((*gr).gr_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    let agent = Agent::start_with("serve-group", &["--group", &group]);
+    let m = std::fs::metadata(agent.socket()).unwrap();
+    assert_eq!((m.permissions().mode() & 0o777, m.gid()), (0o660, gid));
+    assert_eq!(agent.vm_json(&["list"]), serde_json::json!([]));
+
+    let o = output({
+        let mut c = minivmm();
+        c.args(["serve", "--group", "no-such-group-here", "--images"])
+            .arg(agent.dir.join("images"))
+            .arg("--socket")
+            .arg(agent.dir.join("other.sock"))
+            .arg("--state-dir")
+            .arg(agent.dir.join("other-state"));
+        c
+    });
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("no group named no-such-group-here"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!agent.dir.join("other.sock").exists());
+    assert!(
+        !agent.dir.join("other-state").exists(),
+        "state made before the check"
+    );
 }
 
 /// Every kind of bad request gets a 4xx with a message, and the agent goes on.

@@ -9,10 +9,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use super::ServeOptions;
 use super::client::{self, ClientError};
 use super::spec::{DiskRequest, Memory, RestartPolicy, ShareRequest, VmSpec};
 use super::supervisor::AgentConfig;
-use super::{ServeError, ServeOptions};
 use crate::outln;
 use crate::pool::table::Table;
 use crate::vmm::{config, status};
@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// ~/.local/state/minivmm/agent.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Let the members of this group use the socket too (mode 0660): they can
+    /// then run VMs as the agent's user.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
     /// Where the agent keeps each VM's spec, console log and outcome
     /// [default: ~/.local/state/minivmm/agent].
     #[arg(long, value_name = "DIR")]
@@ -70,6 +74,7 @@ pub fn serve(args: ServeArgs) -> i32 {
     }
     let opts = ServeOptions {
         socket: args.socket.unwrap_or_else(client::default_socket),
+        group: args.group,
         agent: AgentConfig {
             state_dir: args
                 .state_dir
@@ -82,10 +87,6 @@ pub fn serve(args: ServeArgs) -> i32 {
     };
     match super::serve(opts) {
         Ok(()) => 0,
-        Err(e @ ServeError::InUse(_)) => {
-            eprintln!("minivmm serve: {e}");
-            status::VMM_ERROR
-        }
         Err(e) => {
             eprintln!("minivmm serve: {e}");
             status::VMM_ERROR

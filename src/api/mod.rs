@@ -15,7 +15,8 @@
 //! | `GET /metrics`                  | Prometheus text format                        |
 //!
 //! Whoever can connect to the socket can start and stop VMs with the files in the
-//! `--images` directories and nothing else: the socket is created mode 0600.
+//! `--images` directories and nothing else: the socket is created mode 0600 (0660
+//! for the members of `--group`).
 
 pub mod cli;
 pub mod client;
@@ -103,6 +104,8 @@ impl IntoResponse for ApiError {
 pub struct ServeOptions {
     /// The Unix socket to listen on.
     pub socket: PathBuf,
+    /// A group whose members may use the socket too (mode 0660), or `None` (0600).
+    pub group: Option<String>,
     /// The agent's settings.
     pub agent: AgentConfig,
 }
@@ -118,6 +121,9 @@ pub enum ServeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The --group does not exist.
+    #[error("no group named {0} on this host (--group)")]
+    UnknownGroup(String),
     /// Another agent answers on the socket.
     #[error("another agent is already listening on {0}; stop it or give another --socket")]
     InUse(PathBuf),
@@ -132,13 +138,15 @@ pub enum ServeError {
 /// Runs the agent until the process is killed. The VMs it started keep running
 /// when it ends; the next agent on the same --state-dir adopts them.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    // A bad --group is refused before anything is created.
+    let gid = opts.group.as_deref().map(group_id).transpose()?;
     let sup = Supervisor::open(opts.agent).map_err(ServeError::State)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
-        let listener = listen(&opts.socket)?;
+        let listener = listen(&opts.socket, gid)?;
         log::info!("serving on {}", opts.socket.display());
         axum::serve(listener, router(sup))
             .await
@@ -149,9 +157,25 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     })
 }
 
-/// Binds the socket, mode 0600, replacing a stale socket file left by an agent
-/// that died (but never one another agent still answers on).
-fn listen(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+/// The id of group `name` (getgrnam(3)).
+fn group_id(name: &str) -> Result<libc::gid_t, ServeError> {
+    let unknown = || ServeError::UnknownGroup(name.to_string());
+    let c = std::ffi::CString::new(name).map_err(|_| unknown())?;
+    // SAFETY: a valid C string; the result is read at once, before any other
+    // getgr* call could reuse its static storage (the runtime has no other threads
+    // yet that call it).
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(unknown());
+    }
+    // SAFETY: non-null, as checked.
+    Ok(unsafe { (*gr).gr_gid })
+}
+
+/// Binds the socket, mode 0600 (0660 and owned by group `gid` when given),
+/// replacing a stale socket file left by an agent that died (but never one another
+/// agent still answers on).
+fn listen(path: &Path, gid: Option<libc::gid_t>) -> Result<tokio::net::UnixListener, ServeError> {
     let listen_err = |source| ServeError::Listen {
         path: path.to_path_buf(),
         source,
@@ -175,7 +199,15 @@ fn listen(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     let bound = tokio::net::UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    bound.map_err(listen_err)
+    let listener = bound.map_err(listen_err)?;
+    if let Some(gid) = gid {
+        // The group first, then the mode: members get in only once both are set.
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(listen_err)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(listen_err)?;
+    }
+    Ok(listener)
 }
 
 /// The API's routes over `sup`.
