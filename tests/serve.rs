@@ -202,6 +202,9 @@ fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if raw.is_empty() {
+        return (0, String::new()); // closed without an answer
+    }
     let status = headers
         .split_whitespace()
         .nth(1)
@@ -600,6 +603,60 @@ fn a_restarted_agent_adopts_its_running_vms() {
         let o = agent.vm(&["delete", n]);
         assert!(o.status.success(), "{n}: {}", stderr(&o));
     }
+    agent.assert_clean();
+}
+
+/// The agent killed with SIGKILL in the middle of a create (its VM process waiting
+/// for the pool's lock, held here): the VM process goes on, runs once the lock is
+/// free, and the next agent adopts it; nothing is lost or left.
+#[test]
+fn an_agent_killed_mid_create_leaves_an_adoptable_vm() {
+    if !kvm_or_skip("an_agent_killed_mid_create_leaves_an_adoptable_vm") {
+        return;
+    }
+    let mut agent = Agent::start("serve-midcreate");
+    // The pool exists (the agent made it); hold its write lock.
+    let holder = rusqlite::Connection::open(agent.pool()).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let socket = agent.socket();
+    let create = std::thread::spawn(move || {
+        http(
+            &socket,
+            "POST",
+            "/v1/vms",
+            br#"{"name":"m","kernel":"echo.elf"}"#,
+        )
+    });
+    // Mid-create: the VM process exists and has been recorded, and waits.
+    let run_json = agent.dir.join("state/vms/m/run.json");
+    let t0 = Instant::now();
+    while !run_json.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no run.json: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(agent.vm_processes().len(), 1);
+    agent.kill();
+    let (status, _) = create.join().unwrap();
+    assert_eq!(status, 0, "the create's connection died with the agent");
+    holder.execute_batch("COMMIT").unwrap();
+    drop(holder);
+
+    agent.restart();
+    let v = agent.wait_state("m", "running");
+    let t0 = Instant::now();
+    while allocations(&agent.pool()).len() != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        v["pid"].as_u64(),
+        agent.vm_processes().first().map(|&p| u64::from(p))
+    );
+    assert!(agent.vm(&["delete", "m"]).status.success());
     agent.assert_clean();
 }
 
