@@ -32,6 +32,7 @@ pub mod launch;
 pub mod output;
 pub mod pool;
 pub mod scheduler;
+pub mod units;
 pub mod vmm;
 
 pub use vmm::{

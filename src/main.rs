@@ -105,7 +105,7 @@ struct ExecArgs {
     /// Number of vCPUs (what `nproc` says in the guest).
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
-    /// Guest memory: 512M, 2G; a bare number is MiB.
+    /// Guest memory: 512M, 1.5G, 2G; a bare number is MiB.
     #[arg(long, default_value = "1G", value_parser = parse_memory)]
     memory: u64,
     /// Stop the VM after this long (30s, 10m) and exit 124.
@@ -191,7 +191,7 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Guest memory: 512M, 2G, 1536M; a bare number is MiB.
+    /// Guest memory: 512M, 1.5G, 2G; a bare number is MiB.
     #[arg(long, default_value = "128M", value_parser = parse_memory)]
     memory: u64,
     /// Stop the VM after this long (30s, 2m, 500ms; more than zero) and exit 124.
@@ -235,6 +235,10 @@ struct RunArgs {
     /// Name of the VM in the ledger [default: KERNEL-FILE-NAME-PID].
     #[arg(long)]
     name: Option<String>,
+    /// Anti-affinity group: the ledger refuses the VM on a host that already holds
+    /// a VM of this group.
+    #[arg(long, value_name = "GROUP", conflicts_with = "no_ledger")]
+    group: Option<String>,
     /// Pool file for admission [default: $MINIVMM_POOL, else
     /// $XDG_STATE_HOME/minivmm/pool.db, else ~/.local/state/minivmm/pool.db].
     #[arg(long, value_name = "PATH", conflicts_with = "no_ledger")]
@@ -462,6 +466,7 @@ fn exec(args: ExecArgs, started: Instant) -> i32 {
             memory_mib: args.memory,
             disks: &[],
             pool: args.pool.as_deref(),
+            group: None,
         })
         .map(Some)
     };
@@ -544,6 +549,7 @@ fn admit(args: &RunArgs) -> Result<Option<minivmm::pool::Claim>, launch::LaunchE
         memory_mib: args.memory,
         disks: &args.disk,
         pool: args.pool.as_deref(),
+        group: args.group.as_deref(),
     })
     .map(Some)
 }

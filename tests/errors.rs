@@ -148,7 +148,12 @@ fn memory_flags() {
     run_expect(
         &["run", "--kernel", "k", "--memory", "lots"],
         USAGE,
-        "cannot parse memory size",
+        "memory size \"lots\": expected a number with an optional unit",
+    );
+    run_expect(
+        &["run", "--kernel", "k", "--memory", "1500K"],
+        USAGE,
+        "must be a whole number of MiB",
     );
     run_expect(
         &["run", "--kernel", "k", "--memory", "8M"],

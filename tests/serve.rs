@@ -547,7 +547,25 @@ fn serve_refuses_bad_requests_with_4xx() {
         stderr(&o)
     );
 
-    assert_eq!(agent.http("DELETE", "/v1/vms/d", b"").0, 204);
+    // An anti-affinity group holds one VM per host: the second is refused.
+    let g1 = br#"{"name":"g1","kernel":"echo.elf","group":"web","memory":"1.5G"}"#;
+    let (st, text) = agent.http("POST", "/v1/vms", g1);
+    assert_eq!(st, 201, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["memory_mib"],
+        1536
+    );
+    let (st, text) = agent.http(
+        "POST",
+        "/v1/vms",
+        br#"{"name":"g2","kernel":"echo.elf","group":"web"}"#,
+    );
+    assert_eq!(st, 422, "{text}");
+    assert!(text.contains("already holds a VM of group web"), "{text}");
+
+    for vm in ["d", "g1"] {
+        assert_eq!(agent.http("DELETE", &format!("/v1/vms/{vm}"), b"").0, 204);
+    }
     agent.assert_clean();
 }
 

@@ -174,7 +174,7 @@ pub struct CreateArgs {
     /// A label (repeatable)
     #[arg(long, value_name = "KEY=VALUE")]
     pub label: Vec<String>,
-    /// Anti-affinity group
+    /// Anti-affinity group: refused when a VM of it runs on this host
     #[arg(long)]
     pub group: Option<String>,
     /// Start it again when it ends: never, on-failure (non-zero status), always

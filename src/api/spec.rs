@@ -88,7 +88,8 @@ pub struct VmSpec {
     /// Free-form labels, kept and shown.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Anti-affinity group, kept and shown.
+    /// Anti-affinity group: refused (422) when a VM of the group holds resources on
+    /// this host already.
     #[serde(default)]
     pub group: Option<String>,
     /// What to do when the VM's process ends.

@@ -419,6 +419,9 @@ impl Supervisor {
         cmd.arg("--serial-out").arg(dir.join("console.log"));
         cmd.arg("--json-out").arg(dir.join("outcome.json"));
         cmd.arg("--name").arg(&spec.name);
+        if let Some(g) = &spec.group {
+            cmd.arg("--group").arg(g);
+        }
         cmd.arg("--pool").arg(&self.cfg.pool);
         cmd.arg("--ready-fd").arg("3");
         cmd.stdin(Stdio::null())

@@ -117,6 +117,8 @@ pub struct Admission<'a> {
     pub disks: &'a [DiskSpec],
     /// The pool file (the default when `None`).
     pub pool: Option<&'a Path>,
+    /// Anti-affinity group: refused on a host that holds a VM of it already.
+    pub group: Option<&'a str>,
 }
 
 /// Claims a VM's vCPUs, memory and disks on this host in the ledger; the claim is
@@ -139,7 +141,7 @@ pub fn admit(a: &Admission<'_>) -> Result<Claim, LaunchError> {
         .sum();
     let disk_gib = disk_bytes.div_ceil(1 << 30);
     ledger
-        .claim_local(&name, a.vcpus, a.memory_mib, disk_gib)
+        .claim_local_grouped(&name, a.group, a.vcpus, a.memory_mib, disk_gib)
         .map_err(|source| {
             // A pool this run created and could not use is not left behind, empty.
             ledger.discard_if_unused();

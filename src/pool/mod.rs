@@ -301,14 +301,30 @@ impl Ledger {
         amounts: Amounts,
         owner: Option<Owner>,
     ) -> Result<Allocation, PoolError> {
+        self.claim_on_grouped(host, vm_name, None, amounts, owner)
+    }
+
+    /// [`Ledger::claim_on`] for a VM of an anti-affinity group: refused
+    /// ([`PoolError::GroupConflict`]) when the host holds a VM of that group already.
+    pub fn claim_on_grouped(
+        &self,
+        host: &str,
+        vm_name: &str,
+        group: Option<&str>,
+        amounts: Amounts,
+        owner: Option<Owner>,
+    ) -> Result<Allocation, PoolError> {
         model::validate_name("VM name", vm_name)?;
+        if let Some(g) = group {
+            model::validate_name("group", g)?;
+        }
         amounts.validate_request()?;
         let mut store = self.store();
         let host_id = store.host(host)?.id;
         let request = ClaimRequest {
             host_id,
             vm_name: vm_name.to_string(),
-            group: None,
+            group: group.map(str::to_string),
             amounts,
             owner,
         };
@@ -331,10 +347,23 @@ impl Ledger {
         memory_mib: u64,
         disk_gib: u64,
     ) -> Result<Claim, PoolError> {
+        self.claim_local_grouped(vm_name, None, vcpus, memory_mib, disk_gib)
+    }
+
+    /// [`Ledger::claim_local`] for a VM of an anti-affinity group (see
+    /// [`Ledger::claim_on_grouped`]).
+    pub fn claim_local_grouped(
+        &self,
+        vm_name: &str,
+        group: Option<&str>,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_gib: u64,
+    ) -> Result<Claim, PoolError> {
         let (host, _) = self.init_local()?;
         let owner = owner::current()?;
         let amounts = Amounts::new(vcpus.into(), memory_mib, disk_gib);
-        let a = self.claim_on(&host.spec.name, vm_name, amounts, Some(owner))?;
+        let a = self.claim_on_grouped(&host.spec.name, vm_name, group, amounts, Some(owner))?;
         log::info!(
             "pool: claimed {} vcpus, {} MiB, {disk_gib} GiB disk on {} for {vm_name} (allocation {})",
             vcpus,

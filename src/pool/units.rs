@@ -2,44 +2,12 @@
 
 use super::PoolError;
 
-/// Parses a size into whole units of 2^`unit_shift` bytes (20 for MiB, 30 for GiB).
-/// A bare number is already in that unit. Refuses zero, negatives and fractions of a unit.
+/// Parses a size into whole units of 2^`unit_shift` bytes (20 for MiB, 30 for GiB),
+/// with the one grammar of [`crate::units`]. Refuses zero, negatives and fractions of
+/// a unit.
 pub fn parse_size(text: &str, unit_shift: u32) -> Result<u64, PoolError> {
-    let bad = |why: &str| PoolError::Invalid(format!("size {text:?}: {why}"));
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, suffix) = t.split_at(split);
-    if t.starts_with('-') {
-        return Err(bad("must be greater than zero"));
-    }
-    let value: f64 = number
-        .parse()
-        .map_err(|_| bad("expected a number with an optional unit K, M, G or T"))?;
-    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
-        "" => unit_shift,
-        "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(bad("unknown unit; use K, M, G or T (powers of 1024)")),
-    };
-    let units = value * 2f64.powi(shift as i32 - unit_shift as i32);
-    if !(units.is_finite() && units > 0.0) {
-        return Err(bad("must be greater than zero"));
-    }
-    if units.fract() != 0.0 {
-        return Err(bad(&format!(
-            "must be a whole number of {}",
-            if unit_shift == 30 { "GiB" } else { "MiB" }
-        )));
-    }
-    if units > i64::MAX as f64 {
-        return Err(bad("too large"));
-    }
-    Ok(units as u64)
+    crate::units::parse_size(text, unit_shift)
+        .map_err(|why| PoolError::Invalid(format!("size {text:?}: {why}")))
 }
 
 /// Parses a reserved amount: like [`parse_size`], but zero (`0`, `0G`) is allowed, since

@@ -30,10 +30,8 @@ pub const MAX_VCPUS: u32 = 254;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// The memory size string could not be parsed.
-    #[error(
-        "cannot parse memory size {0:?}: use a number with an optional unit, e.g. 512M, 2G, 1536M (a bare number is MiB)"
-    )]
-    BadMemorySize(String),
+    #[error("memory size {0:?}: {1}; write e.g. 512M, 1.5G, 2G (a bare number is MiB)")]
+    BadMemorySize(String, crate::units::SizeError),
     /// The memory size is outside the accepted range.
     #[error(
         "--memory {given} MiB is {which}: minivmm accepts {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB"
@@ -324,27 +322,12 @@ fn check_memory(mib: u64) -> Result<(), ConfigError> {
     Err(ConfigError::MemoryOutOfRange { given: mib, which })
 }
 
-/// Parses a memory size such as `512M`, `2G`, `1536MiB` or `64` (MiB) into MiB.
-/// Sizes that are not a whole number of MiB (e.g. `1500K`) are refused.
+/// Parses a memory size such as `512M`, `1.5G`, `1536MiB` or `64` (MiB) into MiB,
+/// with the grammar of [`crate::units`], and checks it is one minivmm accepts. Sizes
+/// that are not a whole number of MiB (e.g. `1500K`) are refused.
 pub fn parse_memory_mib(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadMemorySize(s.to_string());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let kib = match unit.as_str() {
-        "" | "m" | "mb" | "mib" => n.checked_mul(1024),
-        "g" | "gb" | "gib" => n.checked_mul(1024 * 1024),
-        "t" | "tb" | "tib" => n.checked_mul(1024 * 1024 * 1024),
-        "k" | "kb" | "kib" => Some(n),
-        _ => None,
-    }
-    .ok_or_else(bad)?;
-    if kib % 1024 != 0 {
-        return Err(bad());
-    }
-    let mib = kib / 1024;
+    let mib = crate::units::parse_size(s, 20)
+        .map_err(|why| ConfigError::BadMemorySize(s.to_string(), why))?;
     check_memory(mib)?;
     Ok(mib)
 }
@@ -385,19 +368,19 @@ mod tests {
         assert_eq!(parse_memory_mib("65536k"), Ok(64));
         assert!(matches!(
             parse_memory_mib("1500k"),
-            Err(ConfigError::BadMemorySize(_))
+            Err(ConfigError::BadMemorySize(..))
         ));
         assert!(matches!(
             parse_memory_mib("lots"),
-            Err(ConfigError::BadMemorySize(_))
+            Err(ConfigError::BadMemorySize(..))
         ));
         assert!(matches!(
             parse_memory_mib("-5M"),
-            Err(ConfigError::BadMemorySize(_))
+            Err(ConfigError::BadMemorySize(..))
         ));
         assert!(matches!(
             parse_memory_mib("99999999999999999999G"),
-            Err(ConfigError::BadMemorySize(_))
+            Err(ConfigError::BadMemorySize(..))
         ));
         assert!(matches!(
             parse_memory_mib("16M"),
