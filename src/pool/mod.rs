@@ -22,16 +22,20 @@ pub use model::{Allocation, Amounts, Host, HostSpec, Inventory, Owner, Resource}
 pub use sqlite::SqliteStore;
 pub use store::{ClaimRequest, Committed, Delta, Released, Store};
 
+/// A store's own database error, whatever the store (SQLite today), kept whole for
+/// its message and for the store itself to inspect (by downcasting).
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can go wrong in the ledger.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// The pool file could not be opened.
+    /// The pool could not be opened.
     #[error("cannot open pool {path}: {source}")]
     Open {
         /// The file.
         path: PathBuf,
-        /// What SQLite said.
-        source: rusqlite::Error,
+        /// What the store's database said.
+        source: BackendError,
     },
     /// The file exists but is not a minivmm pool.
     #[error("{path} is not a minivmm pool: {reason}")]
@@ -51,9 +55,18 @@ pub enum PoolError {
         /// Ours.
         supported: i64,
     },
-    /// A database error during an operation.
+    /// The store's database failed during an operation (its own error inside:
+    /// `rusqlite::Error` for SQLite).
     #[error("pool database error: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Database(BackendError),
+    /// The pool's URL names a store this minivmm cannot open.
+    #[error("cannot open pool {url:?}: {why}. Pools are SQLite files: give a path or sqlite:PATH")]
+    UnsupportedStore {
+        /// As given.
+        url: String,
+        /// Why not.
+        why: &'static str,
+    },
     /// A file or /proc read failed.
     #[error("reading {what}: {source}")]
     Io {
@@ -187,6 +200,39 @@ pub fn default_path() -> Result<PathBuf, PoolError> {
     Ok(state.join("minivmm/pool.db"))
 }
 
+/// Where a pool named by `--pool` or `$MINIVMM_POOL` is: a path (`pool.db`,
+/// `/var/lib/minivmm/pool.db`) or a URL, `sqlite:PATH` (`sqlite:///abs/path` too).
+/// `postgres://` and `postgresql://` URLs are recognised and refused with a clear
+/// message: a shared PostgreSQL store is planned, not built.
+pub fn store_path(given: &Path) -> Result<PathBuf, PoolError> {
+    let text = given.to_string_lossy();
+    let unsupported = |why| PoolError::UnsupportedStore {
+        url: text.to_string(),
+        why,
+    };
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return Err(unsupported("PostgreSQL stores are not built yet"));
+    }
+    if let Some(rest) = text.strip_prefix("sqlite:") {
+        // sqlite:///abs/path and sqlite://localhost/abs/path name a file URL's path.
+        let rest = rest
+            .strip_prefix("//localhost")
+            .or_else(|| rest.strip_prefix("//"))
+            .unwrap_or(rest);
+        if rest.is_empty() {
+            return Err(unsupported("the URL names no file"));
+        }
+        return Ok(PathBuf::from(rest));
+    }
+    let url_scheme = text.split_once("://").map(|(scheme, _)| scheme);
+    if url_scheme.is_some_and(|sc| {
+        !sc.is_empty() && sc.chars().all(|c| c.is_ascii_alphanumeric() || c == '+')
+    }) {
+        return Err(unsupported("unknown URL scheme"));
+    }
+    Ok(given.to_path_buf())
+}
+
 /// Makes every wait of this process for another process's lock on a pool give up at
 /// once, and every later one at its first look: the operation fails with SQLite's
 /// "database is locked". For a process told to stop (`minivmm run` calls it from its
@@ -210,8 +256,8 @@ impl Ledger {
     /// file in full and `init` measures the right file system.
     pub fn open(path: Option<&Path>) -> Result<Ledger, PoolError> {
         let path = match path {
-            Some(p) => p.to_path_buf(),
-            None => default_path()?,
+            Some(p) => store_path(p)?,
+            None => store_path(&default_path()?)?,
         };
         let path = std::path::absolute(&path).map_err(|source| PoolError::Io {
             what: format!("the current directory, to find pool {:?}", path.display()),
@@ -482,5 +528,43 @@ impl Drop for Claim {
                 self.allocation.id
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_are_named_by_path_or_url() {
+        let p = |s: &str| store_path(Path::new(s));
+        assert_eq!(p("pool.db").unwrap(), PathBuf::from("pool.db"));
+        assert_eq!(p("/var/lib/p.db").unwrap(), PathBuf::from("/var/lib/p.db"));
+        assert_eq!(p("sqlite:p.db").unwrap(), PathBuf::from("p.db"));
+        assert_eq!(p("sqlite:///var/p.db").unwrap(), PathBuf::from("/var/p.db"));
+        assert_eq!(
+            p("sqlite://localhost/var/p.db").unwrap(),
+            PathBuf::from("/var/p.db")
+        );
+        // A colon in a plain file name is a file name.
+        assert_eq!(p("a:b.db").unwrap(), PathBuf::from("a:b.db"));
+        for bad in [
+            "postgres://h/db",
+            "postgresql://u@h:5432/db",
+            "mysql://h/db",
+            "sqlite:",
+        ] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(bad) && e.contains("give a path or sqlite:PATH"),
+                "{e}"
+            );
+        }
+        assert!(
+            p("postgres://h/db")
+                .unwrap_err()
+                .to_string()
+                .contains("not built yet")
+        );
     }
 }

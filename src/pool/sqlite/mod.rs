@@ -348,3 +348,10 @@ impl Store for SqliteStore {
         })
     }
 }
+
+/// SQLite's errors become the ledger's backend-neutral [`PoolError::Database`].
+impl From<rusqlite::Error> for PoolError {
+    fn from(e: rusqlite::Error) -> PoolError {
+        PoolError::Database(Box::new(e))
+    }
+}

@@ -97,7 +97,7 @@ fn classify(path: &Path, e: rusqlite::Error) -> PoolError {
         },
         _ => PoolError::Open {
             path: path.to_path_buf(),
-            source: e,
+            source: Box::new(e),
         },
     }
 }
@@ -174,7 +174,10 @@ impl SqliteStore {
             files: None,
         };
         let opened = store.set_up().map_err(|e| match e {
-            PoolError::Sql(s) => classify(path, s),
+            PoolError::Database(e) => match e.downcast::<rusqlite::Error>() {
+                Ok(s) => classify(path, *s),
+                Err(e) => PoolError::Database(e),
+            },
             other => other,
         });
         match opened {
