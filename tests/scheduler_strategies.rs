@@ -417,3 +417,46 @@ fn batches_are_durable_and_in_order() {
         .collect();
     assert_eq!(names, (0..8).map(|i| format!("v{i}")).collect::<Vec<_>>());
 }
+
+/// Reading is not writing: `explain` (and the `refresh` under it) works while
+/// another process holds the pool's write lock, follows a change made meanwhile by
+/// someone else, and leaves the pool's generation where it was.
+#[test]
+fn explain_reads_the_pool_without_writing_it() {
+    let s = Scratch::new("explain-reads");
+    let ledger = pool(&s, ABC);
+    let mut sched = Scheduler::new(ledger.clone());
+    sched.refresh().expect("first look");
+    // Another process claims 31 of the 32 usable vCPUs (8 x 4.0) on a, then holds
+    // the write lock.
+    let other = Ledger::open(Some(&s.pool())).expect("open");
+    other
+        .claim_on("a", "theirs", Amounts::new(31, 1024, 0), None)
+        .expect("claim");
+    let generation = || {
+        ledger
+            .store()
+            .hosts()
+            .unwrap()
+            .iter()
+            .map(|h| h.generation)
+            .max()
+    };
+    let before = generation();
+    let holder = rusqlite::Connection::open(s.pool()).expect("open");
+    holder.execute_batch("BEGIN IMMEDIATE").expect("write lock");
+    let t0 = std::time::Instant::now();
+    let verdicts = sched
+        .explain(&req(2, 2048, Weights::SPREAD))
+        .expect("explain");
+    // A write would have waited for the lock (up to 30 s) and then failed.
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
+    );
+    let a = &verdicts.iter().find(|(h, _)| h == "a").expect("a").1;
+    assert!(format!("{a:?}").contains("Vcpus"), "a is full now: {a:?}");
+    holder.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(generation(), before, "explain changed the pool");
+}

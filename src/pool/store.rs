@@ -88,6 +88,10 @@ pub trait Store: Send {
     fn release_claimed(&mut self, claimed: &Allocation) -> Result<Released, PoolError>;
     /// Releases every allocation whose owner is gone; returns them.
     fn release_stale(&mut self) -> Result<Vec<Allocation>, PoolError>;
+    /// Reads, writing nothing, the pool's generation and what changed since
+    /// generation `seen` (0: never looked), for a caller that keeps its own view of
+    /// the hosts (the scheduler's index).
+    fn changes(&mut self, seen: u64) -> Result<(u64, Delta), PoolError>;
     /// In one write transaction: releases stale allocations, tells `choose` what changed
     /// since generation `seen` (Some(0): never looked; None: not interested, always
     /// [`Delta::Unchanged`]), then records each request it returns

@@ -339,10 +339,14 @@ impl Scheduler {
             .collect())
     }
 
-    /// Brings the index up to date with the pool.
+    /// Brings the index up to date with the pool, reading only: it takes no write
+    /// lock and releases nothing (stale owners' allocations go at the next claim).
     pub fn refresh(&mut self) -> Result<(), ScheduleError> {
-        // An empty batch writes nothing, except releasing stale owners' allocations.
-        self.place_batch(&[], false).map(|_| ())
+        let seen = self.index.generation.unwrap_or(0);
+        let (generation, delta) = self.ledger.store().changes(seen)?;
+        self.index.apply(delta);
+        self.index.generation = Some(generation);
+        Ok(())
     }
 
     /// The host the index would choose now, and its score, without touching the store:

@@ -309,6 +309,18 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn changes(&mut self, seen: u64) -> Result<(u64, Delta), PoolError> {
+        // A read transaction: in WAL mode it neither waits for nor blocks a writer.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let w = Writer::new(&tx);
+        let current = w.meta("generation")?;
+        let delta = delta_since(&w, Some(seen), current)?;
+        tx.commit()?;
+        Ok((current, delta))
+    }
+
     fn claim(
         &mut self,
         seen: Option<u64>,
@@ -322,15 +334,7 @@ impl Store for SqliteStore {
         let before = w.meta("generation")?;
         w.release_stale()?;
         let current = w.meta("generation")?;
-        let removed_at = w.meta("removed_at")?;
-        let delta = match seen {
-            None => Delta::Unchanged,
-            Some(s) if s == current => Delta::Unchanged,
-            Some(s) if s >= removed_at && s < current => {
-                Delta::Hosts(load_hosts(w.conn, Which::Since(s))?)
-            }
-            _ => Delta::Everything(load_hosts(w.conn, Which::All)?),
-        };
+        let delta = delta_since(&w, seen, current)?;
         let requests = choose(delta)?;
         let results: Vec<_> = requests.iter().map(|r| w.claim(r)).collect();
         let generation = w.generation.unwrap_or(current);
@@ -347,6 +351,20 @@ impl Store for SqliteStore {
             results,
         })
     }
+}
+
+/// What changed since generation `seen` (see [`Store::claim`]), read by `w`'s
+/// transaction, the pool being at generation `current`.
+fn delta_since(w: &Writer<'_>, seen: Option<u64>, current: u64) -> Result<Delta, PoolError> {
+    let removed_at = w.meta("removed_at")?;
+    Ok(match seen {
+        None => Delta::Unchanged,
+        Some(s) if s == current => Delta::Unchanged,
+        Some(s) if s >= removed_at && s < current => {
+            Delta::Hosts(load_hosts(w.conn, Which::Since(s))?)
+        }
+        _ => Delta::Everything(load_hosts(w.conn, Which::All)?),
+    })
 }
 
 /// SQLite's errors become the ledger's backend-neutral [`PoolError::Database`].
