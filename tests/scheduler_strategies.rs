@@ -460,3 +460,57 @@ fn explain_reads_the_pool_without_writing_it() {
     holder.execute_batch("ROLLBACK").unwrap();
     assert_eq!(generation(), before, "explain changed the pool");
 }
+
+/// One fit rule: for a host that fails several checks at once, the scheduler's
+/// explanation and the ledger's refusal of a direct claim name the same one.
+#[test]
+fn the_scheduler_and_the_ledger_give_the_same_reason() {
+    use minivmm::pool::{PoolError, Resource};
+    use minivmm::scheduler::Rejection;
+    let s = Scratch::new("one-rule");
+    let ledger = Ledger::open(Some(&s.pool())).expect("open");
+    // h: 4 vCPUs x 1.0, memory in steps of 512 MiB, at most 1 VM.
+    let mut spec = HostSpec::new("h", 4, 8192, 100);
+    spec.inventories[Resource::Vcpus.index()].ratio = 1.0;
+    spec.inventories[Resource::MemoryMib.index()].step = Some(512);
+    spec.max_vms = Some(1);
+    ledger.add_host(&spec).expect("add");
+    let mut sched = Scheduler::new(ledger.clone());
+    // Empty host, 8 vCPUs (lacking) and 1000 MiB (not a step of 512): the limit.
+    let r = Request::new("x", Amounts::new(8, 1000, 0));
+    let verdict = sched.explain(&r).expect("explain").remove(0).1;
+    assert!(
+        matches!(
+            verdict,
+            Err(Rejection::Limit {
+                resource: Resource::MemoryMib,
+                ..
+            })
+        ),
+        "{verdict:?}"
+    );
+    let claim = ledger
+        .claim_on("h", "x", Amounts::new(8, 1000, 0), None)
+        .unwrap_err();
+    assert!(
+        matches!(&claim, PoolError::Invalid(m) if m.contains("memory")),
+        "{claim}"
+    );
+    // Full (1 VM, of group g), and the request is of group g: the VM count.
+    ledger
+        .claim_on_grouped("h", "first", Some("g"), Amounts::new(1, 512, 0), None)
+        .expect("first");
+    let r = Request::new("y", Amounts::new(1, 512, 0)).with_group("g");
+    let verdict = sched.explain(&r).expect("explain").remove(0).1;
+    assert!(
+        matches!(verdict, Err(Rejection::MaxVms { max: 1 })),
+        "{verdict:?}"
+    );
+    let claim = ledger
+        .claim_on_grouped("h", "y", Some("g"), Amounts::new(1, 512, 0), None)
+        .unwrap_err();
+    assert!(
+        matches!(claim, PoolError::HostFull { max: 1, .. }),
+        "{claim}"
+    );
+}

@@ -223,6 +223,94 @@ impl Inventory {
     }
 }
 
+/// Why a host cannot take a request, from [`fit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Misfit {
+    /// The host is disabled.
+    Disabled,
+    /// The host has its maximum number of VMs.
+    MaxVms(u64),
+    /// The host holds a VM of the request's anti-affinity group.
+    Group(String),
+    /// The request breaks the host's per-request min/max/step for a resource.
+    Limit {
+        /// The resource.
+        resource: Resource,
+        /// What the request asks.
+        need: u64,
+        /// How it breaks the limit ("below the minimum 2").
+        reason: String,
+    },
+    /// The host lacks free capacity of a resource.
+    Lacks {
+        /// The resource.
+        resource: Resource,
+        /// What the request asks.
+        need: u64,
+        /// What is free.
+        free: u64,
+    },
+}
+
+/// A host's state as [`fit`] judges it.
+#[derive(Debug, Clone, Copy)]
+pub struct HostState<'a> {
+    /// Takes new VMs.
+    pub enabled: bool,
+    /// Its VM count limit.
+    pub max_vms: Option<u64>,
+    /// Its live allocations.
+    pub vms: u64,
+    /// Its inventories, by [`Resource::index`].
+    pub inventories: &'a [Inventory; 3],
+    /// Sum of its live allocations.
+    pub used: Amounts,
+}
+
+/// "Does this request fit this host": the one rule, for the ledger's claims (which
+/// enforce it) and the scheduler's explanations (which report it), checked in one
+/// order so both give the same reason: enabled, the VM count limit, the
+/// anti-affinity group (`group`: its name and whether the host holds one of it),
+/// each resource's per-request limits, then each resource's free capacity
+/// (`usable − used`). The scheduler's vectorised pass and the store's one-statement
+/// claim are faster forms of the same rule for hosts without limits or groups; they
+/// only say yes or no, and a "no" is explained by this function.
+pub fn fit(host: HostState<'_>, group: Option<(&str, bool)>, need: &Amounts) -> Result<(), Misfit> {
+    if !host.enabled {
+        return Err(Misfit::Disabled);
+    }
+    if let Some(max) = host.max_vms.filter(|m| host.vms >= *m) {
+        return Err(Misfit::MaxVms(max));
+    }
+    if let Some((name, true)) = group {
+        return Err(Misfit::Group(name.to_string()));
+    }
+    for r in Resource::ALL {
+        let asked = need.get(r);
+        if let Some(reason) = host.inventories[r.index()].unit_violation(asked) {
+            return Err(Misfit::Limit {
+                resource: r,
+                need: asked,
+                reason,
+            });
+        }
+    }
+    for r in Resource::ALL {
+        let asked = need.get(r);
+        let free = host.inventories[r.index()]
+            .usable()
+            .saturating_sub(host.used.get(r));
+        if asked > free {
+            return Err(Misfit::Lacks {
+                resource: r,
+                need: asked,
+                free,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Everything an operator declares about a host.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostSpec {

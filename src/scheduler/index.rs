@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use super::Request;
 use super::explain::{Rejection, Summary};
+use crate::pool::model::{HostState, Misfit, fit};
 use crate::pool::{Amounts, Delta, Host, Resource};
 
 /// One host's score, and the weighers' parts of it.
@@ -34,7 +35,6 @@ pub struct Score {
 
 /// A request compiled against the index: numbers the hot loop needs, nothing else.
 struct Query<'a> {
-    need: [u64; 3],
     need_f: [f64; 3],
     labels: &'a [(String, String)],
     group: Option<&'a HashSet<usize>>,
@@ -234,7 +234,6 @@ impl Index {
         };
         Query {
             coef,
-            need,
             need_f: need.map(|d| d as f64),
             labels: &req.labels,
             group: req.group.as_ref().and_then(|g| self.groups.get(g)),
@@ -270,20 +269,6 @@ impl Index {
     fn labels_match(&self, i: usize, labels: &[(String, String)]) -> bool {
         let have = &self.hosts[i].spec.labels;
         labels.iter().all(|(k, v)| have.get(k) == Some(v))
-    }
-
-    /// The first per-request limit host `i` puts on `need`.
-    fn limit_violation(&self, i: usize, need: &[u64; 3]) -> Option<Rejection> {
-        Resource::ALL.into_iter().find_map(|r| {
-            let reason = self.hosts[i]
-                .spec
-                .inventory(r)
-                .unit_violation(need[r.index()])?;
-            Some(Rejection::Limit {
-                resource: r,
-                reason: format!("{} is {reason}", need[r.index()]),
-            })
-        })
     }
 
     /// The gate of each host for a set of required labels: 0 if it has them all.
@@ -401,12 +386,12 @@ impl Index {
         Ok(self.score(i, &q))
     }
 
-    /// The first filter host `i` fails for the compiled request `q`.
+    /// The first filter host `i` fails for the compiled request `q`: the request's
+    /// labels (the scheduler's own filter), then the ledger's one fit rule
+    /// ([`crate::pool::model::fit`]), so a host's reason here is the reason its
+    /// claim would give.
     fn verdict_of(&self, i: usize, q: &Query<'_>, req: &Request) -> Result<(), Rejection> {
         let h = &self.hosts[i];
-        if !h.spec.enabled {
-            return Err(Rejection::Disabled);
-        }
         if let Some((k, v)) = q
             .labels
             .iter()
@@ -417,30 +402,39 @@ impl Index {
                 want: v.clone(),
             });
         }
-        if let (Some(g), Some(name)) = (q.group, &req.group)
-            && g.contains(&i)
-        {
-            return Err(Rejection::Group {
-                group: name.clone(),
-            });
-        }
-        if let Some(max) = h.spec.max_vms.filter(|m| h.vms >= *m) {
-            return Err(Rejection::MaxVms { max });
-        }
-        if let Some(rej) = self.limit_violation(i, &q.need) {
-            return Err(rej);
-        }
-        for r in Resource::ALL {
-            let (need, free) = (q.need[r.index()], self.free[i][r.index()]);
-            if need > free {
-                return Err(Rejection::Lacks {
-                    resource: r,
-                    need,
-                    free,
-                });
-            }
-        }
-        Ok(())
+        let state = HostState {
+            enabled: h.spec.enabled,
+            max_vms: h.spec.max_vms,
+            vms: h.vms,
+            inventories: &h.spec.inventories,
+            used: h.used,
+        };
+        let group = req
+            .group
+            .as_deref()
+            .map(|g| (g, q.group.is_some_and(|members| members.contains(&i))));
+        fit(state, group, &req.amounts).map_err(|m| match m {
+            Misfit::Disabled => Rejection::Disabled,
+            Misfit::MaxVms(max) => Rejection::MaxVms { max },
+            Misfit::Group(group) => Rejection::Group { group },
+            Misfit::Limit {
+                resource,
+                need,
+                reason,
+            } => Rejection::Limit {
+                resource,
+                reason: format!("{need} is {reason}"),
+            },
+            Misfit::Lacks {
+                resource,
+                need,
+                free,
+            } => Rejection::Lacks {
+                resource,
+                need,
+                free,
+            },
+        })
     }
 
     /// Why no host takes `req`, over the whole pool.

@@ -4,7 +4,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::now;
 use super::read::{N, bind, inventory_at, load_allocations, opt, resource, u};
-use crate::pool::model::{Allocation, Amounts, HostSpec, Owner, Resource};
+use crate::pool::model::{
+    Allocation, Amounts, HostSpec, HostState, Inventory, Misfit, Owner, Resource, fit,
+};
 use crate::pool::store::ClaimRequest;
 use crate::pool::{PoolError, owner};
 
@@ -218,44 +220,30 @@ impl<'c> Writer<'c> {
         drop(stmt);
         let (name, enabled, max_vms, vms, used) =
             host.ok_or_else(|| PoolError::UnknownHost(format!("#{}", req.host_id)))?;
-        if !enabled {
-            return Err(PoolError::HostDisabled(name));
+        let mut inventories: [Inventory; 3] = std::array::from_fn(|_| Inventory::new(0, 1.0));
+        for (key, inv) in invs {
+            inventories[resource(&key)?.index()] = inv;
         }
-        if let Some(max) = max_vms.filter(|m| vms >= *m) {
-            return Err(PoolError::HostFull { host: name, max });
-        }
-        if let Some(g) = &req.group {
-            let taken = self
-                .conn
-                .prepare_cached(
-                    "SELECT 1 FROM allocations WHERE host_id = ?1 AND grp = ?2 LIMIT 1",
-                )?
-                .exists(params![req.host_id, g])?;
-            if taken {
-                return Err(PoolError::GroupConflict {
-                    host: name,
-                    group: g.clone(),
-                });
+        let group = match &req.group {
+            None => None,
+            Some(g) => {
+                let held = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT 1 FROM allocations WHERE host_id = ?1 AND grp = ?2 LIMIT 1",
+                    )?
+                    .exists(params![req.host_id, g])?;
+                Some((g.as_str(), held))
             }
-        }
-        for (key, inv) in &invs {
-            let r = resource(key)?;
-            let asked = req.amounts.get(r);
-            if let Some(why) = inv.unit_violation(asked) {
-                return Err(PoolError::Invalid(format!(
-                    "{r} {asked} on host {name}: {why}"
-                )));
-            }
-            let free = inv.usable().saturating_sub(used.get(r));
-            if asked > free {
-                return Err(PoolError::Insufficient {
-                    host: name,
-                    resource: r,
-                    asked: r.show(asked),
-                    free: r.show(free),
-                });
-            }
-        }
+        };
+        let state = HostState {
+            enabled,
+            max_vms,
+            vms,
+            inventories: &inventories,
+            used,
+        };
+        fit(state, group, &req.amounts).map_err(|m| misfit_error(m, name.clone()))?;
         Ok(name)
     }
 
@@ -325,5 +313,29 @@ impl<'c> Writer<'c> {
             owner: req.owner.clone(),
             created,
         })
+    }
+}
+
+/// The ledger's error for a host that cannot take a claim.
+fn misfit_error(m: Misfit, host: String) -> PoolError {
+    match m {
+        Misfit::Disabled => PoolError::HostDisabled(host),
+        Misfit::MaxVms(max) => PoolError::HostFull { host, max },
+        Misfit::Group(group) => PoolError::GroupConflict { host, group },
+        Misfit::Limit {
+            resource,
+            need,
+            reason,
+        } => PoolError::Invalid(format!("{resource} {need} on host {host}: {reason}")),
+        Misfit::Lacks {
+            resource,
+            need,
+            free,
+        } => PoolError::Insufficient {
+            host,
+            resource,
+            asked: resource.show(need),
+            free: resource.show(free),
+        },
     }
 }
