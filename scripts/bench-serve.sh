@@ -101,15 +101,21 @@ left_vms=$(pgrep -fc "minivmm run .*--pool $pool" || true)
 left_claims=$("$MINIVMM" pool --pool "$pool" --json allocations | { grep -o '"id"' || true; } | wc -l)
 left_dirs=$(find "$work/state/vms" -mindepth 1 -maxdepth 1 | wc -l)
 agent_fds=$(find "/proc/$agent/fd" -mindepth 1 | wc -l)
+# The VM watcher threads end with their VMs; tokio's idle blocking threads after 10 s.
+for _ in $(seq 30); do
+    agent_threads_after=$(awk '/Threads/ {print $2}' "/proc/$agent/status")
+    [ "$agent_threads_after" -le 2 ] && break
+    sleep 0.5
+done
 
 echo "VMs                       $n (guest/irq, 1 vCPU, 64 MiB; $par requests at a time)"
 echo "create, all               $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}') s"
 echo "create-to-running p50/p99 $(pct 50 "$work/create-s.txt") / $(pct 99 "$work/create-s.txt") ms"
 echo "GET /v1/vms p50/p99       $(pct 50 "$work/list-s.txt") / $(pct 99 "$work/list-s.txt") ms ($n VMs running)"
-echo "VM states then           $states"
+echo "VM states then            $states"
 echo "agent RSS (peak)          $((agent_rss / 1024)) MiB ($((agent_hwm / 1024)) MiB), $agent_threads threads"
 echo "VM process RSS, per VM    $((vm_rss / n)) KiB"
 echo "agent SIGKILL + restart   $adopted of $n adopted running, $claims_after_kill claims kept; serving again after $(awk -v a="$t_adopt0" -v b="$t_adopt1" 'BEGIN {printf "%.2f", b - a}') s"
 echo "delete, all               $(awk -v a="$t2" -v b="$t3" 'BEGIN {printf "%.2f", b - a}') s"
-echo "left after delete         $left_vms VM processes, $left_claims claims, $left_dirs VM directories; agent fds $agent_fds"
+echo "left after delete         $left_vms VM processes, $left_claims claims, $left_dirs VM directories; agent fds $agent_fds, threads $agent_threads_after"
 [ "$left_vms$left_claims$left_dirs" = "000" ] || die "something was left behind"
