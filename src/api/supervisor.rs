@@ -206,7 +206,10 @@ impl Supervisor {
                     continue;
                 }
             };
-            let run: Option<RunFile> = read_json(&dir.join("run.json"));
+            // No run.json: an agent killed between starting the VM process and
+            // recording it. The process names its console file on its command line.
+            let run: Option<RunFile> = read_json(&dir.join("run.json"))
+                .or_else(|| find_vm_process(&dir.join("console.log")));
             let outcome: Option<Value> = read_json(&dir.join("outcome.json"));
             let mut rec = Record {
                 spec: spec.spec,
@@ -846,6 +849,34 @@ fn wait_pid(pid: u32) {
     }
 }
 
+/// The live `minivmm run` process (found in /proc) whose `--serial-out` is
+/// `console`: a VM process the agent started but had no time to record.
+fn find_vm_process(console: &Path) -> Option<RunFile> {
+    let want = console.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let ours = args.contains(&&b"run"[..])
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--serial-out" && w[1] == want);
+        let start_time = process_start_time(pid).filter(|_| ours)?;
+        alive(pid, start_time).then(|| {
+            log::warn!(
+                "found the unrecorded VM process {pid} for {}",
+                console.display()
+            );
+            RunFile {
+                pid,
+                start_time,
+                started_at: now(),
+                restarts: 0,
+            }
+        })
+    })
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
@@ -858,4 +889,33 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), ApiError> {
     let text = serde_json::to_vec(v).map_err(|e| ApiError::Internal(e.to_string()))?;
     std::fs::write(&tmp, text).map_err(internal("write the VM's state"))?;
     std::fs::rename(&tmp, path).map_err(internal("write the VM's state"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unrecorded_vm_process_is_found_by_its_console_file() {
+        let console =
+            std::env::temp_dir().join(format!("minivmm-find-{}/console.log", std::process::id()));
+        assert!(find_vm_process(&console).is_none());
+        // A stand-in with the VM process's arguments ("; true" keeps sh from exec'ing).
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30; true", "run", "--serial-out"])
+            .arg(&console)
+            .spawn()
+            .expect("start sh");
+        let found = (0..200).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            find_vm_process(&console)
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(found.map(|r| r.pid), Some(child.id()));
+        assert!(
+            find_vm_process(&console).is_none(),
+            "a reaped process is not found"
+        );
+    }
 }
