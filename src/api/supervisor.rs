@@ -350,7 +350,7 @@ impl Supervisor {
             }
             let status = process.wait().ok();
             let outcome: Option<Value> = read_json(&dir.join("outcome.json"));
-            let err = start_failure(&dir);
+            let err = start_failure(outcome.as_ref(), &dir);
             let mut vms = self.lock();
             if let Some(r) = vms.get_mut(name) {
                 // A stop that came while it started: that is how it ended.
@@ -773,18 +773,19 @@ fn classify(r: &mut Record, outcome: Option<Value>, status: Option<std::process:
     r.outcome = outcome;
 }
 
-/// Why a VM process ended before it ran, from its outcome.json or stderr.log.
-fn start_failure(dir: &Path) -> ApiError {
-    let outcome: Option<Value> = read_json(&dir.join("outcome.json"));
-    let stderr = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+/// Why a VM process ended before it ran, from its outcome.json (already read, as
+/// `outcome`) or, when that says nothing, its stderr.log.
+fn start_failure(outcome: Option<&Value>, dir: &Path) -> ApiError {
     let msg = outcome
-        .as_ref()
         .and_then(|o| o["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| match stderr.trim() {
-            "" => "the VM process ended before its vCPUs ran, and said nothing".into(),
-            s => s.to_string(),
+        .unwrap_or_else(|| {
+            let stderr = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            match stderr.trim() {
+                "" => "the VM process ended before its vCPUs ran, and said nothing".into(),
+                s => s.to_string(),
+            }
         });
-    match outcome.as_ref().and_then(|o| o["error_kind"].as_str()) {
+    match outcome.and_then(|o| o["error_kind"].as_str()) {
         Some("refused") => ApiError::Unprocessable(msg),
         Some("invalid") => ApiError::BadRequest(msg),
         _ => ApiError::Internal(msg),
