@@ -25,7 +25,8 @@ if [ -n "${MINIVMM_SKIP_LINUX:-}" ]; then
 fi
 
 # gcc/make/ld build the tiny guests; iasl (acpica-tools) checks minivmm's ACPI tables;
-# GNU time measures a big VM's peak RSS; QEMU runs a tiny guest for comparison.
+# GNU time measures a big VM's peak RSS; QEMU runs a tiny guest for comparison;
+# PostgreSQL serves the ledger's second store.
 need_pkgs=()
 for tool in gcc make ld; do
     command -v "$tool" >/dev/null || need_pkgs+=(build-essential)
@@ -33,6 +34,8 @@ done
 command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
 [ -x /usr/bin/time ] || need_pkgs+=(time)
 command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+# PostgreSQL: the ledger's conformance tests start a server of their own from it.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_pkgs+=(postgresql)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_pkgs[*]}" >&2
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

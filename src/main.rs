@@ -239,8 +239,8 @@ struct RunArgs {
     /// a VM of this group.
     #[arg(long, value_name = "GROUP", conflicts_with = "no_ledger")]
     group: Option<String>,
-    /// Pool file for admission [default: $MINIVMM_POOL, else
-    /// $XDG_STATE_HOME/minivmm/pool.db, else ~/.local/state/minivmm/pool.db].
+    /// Pool for admission: an SQLite file or a postgres:// URL [default: $MINIVMM_POOL,
+    /// else $XDG_STATE_HOME/minivmm/pool.db, else ~/.local/state/minivmm/pool.db].
     #[arg(long, value_name = "PATH", conflicts_with = "no_ledger")]
     pool: Option<PathBuf>,
     /// Run without claiming vCPUs and memory in the ledger.

@@ -1,7 +1,7 @@
 //! What a hostile user, a broken pipe or a fuzzed file found (issue 16), one test per
 //! defect: each failed before its fix.
 
-mod common;
+use pool_util::common;
 mod pool_util;
 
 use std::path::Path;

@@ -3,7 +3,7 @@
 
 mod pool_util;
 
-use pool_util::Scratch;
+use pool_util::{Backend, Scratch};
 use std::process::Command;
 
 fn minivmm(args: &[&str]) -> std::process::Output {
@@ -21,9 +21,8 @@ fn json(o: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
-#[test]
-fn pool_and_json_work_before_or_after_the_subcommand() {
-    let s = Scratch::new("pool-cli");
+fn pool_and_json_work_before_or_after_the_subcommand(b: Backend) {
+    let s = Scratch::with("pool-cli", b);
     let pool = s.pool();
     let p = pool.to_str().unwrap();
     pool_util::ok(
@@ -63,3 +62,5 @@ fn help_of_every_pool_command_prints() {
         );
     }
 }
+
+crate::conformance!(pool_and_json_work_before_or_after_the_subcommand,);

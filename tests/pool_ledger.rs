@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Barrier};
 
 use minivmm::pool::{Amounts, HostSpec, Ledger, Owner, PoolError, Resource, owner};
-use pool_util::{Scratch, fails, ok, run, snapshot};
+use pool_util::{Backend, Scratch, fails, ok, run, snapshot};
 
 /// A host with `vcpus` × 4 usable vCPUs and plenty of memory.
 fn small_host(ledger: &Ledger, name: &str, vcpus: u64) {
@@ -35,9 +35,8 @@ fn assert_consistent(ledger: &Ledger) {
     }
 }
 
-#[test]
-fn concurrent_threads_never_exceed_usable() {
-    let s = Scratch::new("threads");
+fn concurrent_threads_never_exceed_usable(b: Backend) {
+    let s = Scratch::with("threads", b);
     let ledger = Ledger::open(Some(&s.pool())).expect("open");
     small_host(&ledger, "tiny", 3); // 12 usable vCPUs
     let threads = 32;
@@ -75,9 +74,8 @@ fn concurrent_threads_never_exceed_usable() {
     assert_consistent(&ledger);
 }
 
-#[test]
-fn concurrent_processes_never_exceed_usable() {
-    let s = Scratch::new("procs");
+fn concurrent_processes_never_exceed_usable(b: Backend) {
+    let s = Scratch::with("procs", b);
     let pool = s.pool();
     ok(
         &pool,
@@ -113,9 +111,8 @@ fn concurrent_processes_never_exceed_usable() {
     assert_consistent(&ledger);
 }
 
-#[test]
-fn bad_input_changes_nothing() {
-    let s = Scratch::new("bad");
+fn bad_input_changes_nothing(b: Backend) {
+    let s = Scratch::with("bad", b);
     let pool = s.pool();
     ok(
         &pool,
@@ -300,9 +297,8 @@ fn hold(pool: &Path, host: &str, vcpus: &str) -> std::process::Child {
     child
 }
 
-#[test]
-fn sigkilled_holder_is_released_by_next_claim_and_gc() {
-    let s = Scratch::new("stale");
+fn sigkilled_holder_is_released_by_next_claim_and_gc(b: Backend) {
+    let s = Scratch::with("stale", b);
     let pool = s.pool();
     ok(
         &pool,
@@ -357,9 +353,8 @@ fn sigkilled_holder_is_released_by_next_claim_and_gc() {
     assert_eq!(ok(&pool, &["pool", "--json", "allocations"]).trim(), "[]");
 }
 
-#[test]
-fn reused_pid_and_other_boot_are_stale_other_machines_are_not() {
-    let s = Scratch::new("reuse");
+fn reused_pid_and_other_boot_are_stale_other_machines_are_not(b: Backend) {
+    let s = Scratch::with("reuse", b);
     let ledger = Ledger::open(Some(&s.pool())).expect("open");
     small_host(&ledger, "h", 4);
     let me = owner::current().expect("me");
@@ -403,10 +398,9 @@ fn reused_pid_and_other_boot_are_stale_other_machines_are_not() {
     assert_consistent(&ledger);
 }
 
-#[test]
-fn claim_local_names_the_missing_resource_and_releases_on_drop() {
+fn claim_local_names_the_missing_resource_and_releases_on_drop(b: Backend) {
     fn is_send<T: Send>(_: &T) {}
-    let s = Scratch::new("local");
+    let s = Scratch::with("local", b);
     let ledger = Ledger::open(Some(&s.pool())).expect("open");
     let claim = ledger.claim_local("guest", 1, 16, 0).expect("claim");
     is_send(&claim);
@@ -448,9 +442,8 @@ fn claim_local_names_the_missing_resource_and_releases_on_drop() {
     assert!(!added);
 }
 
-#[test]
-fn remove_force_and_json_output() {
-    let s = Scratch::new("remove");
+fn remove_force_and_json_output(b: Backend) {
+    let s = Scratch::with("remove", b);
     let pool = s.pool();
     ok(
         &pool,
@@ -476,9 +469,8 @@ fn remove_force_and_json_output() {
     assert!(run(&pool, &["pool", "list"]).status.success());
 }
 
-#[test]
-fn first_use_from_many_threads_registers_the_local_host_once() {
-    let s = Scratch::new("firstuse");
+fn first_use_from_many_threads_registers_the_local_host_once(b: Backend) {
+    let s = Scratch::with("firstuse", b);
     let barrier = Arc::new(Barrier::new(6));
     let handles: Vec<_> = (0..6)
         .map(|i| {
@@ -506,3 +498,14 @@ fn first_use_from_many_threads_registers_the_local_host_once() {
     // Every claim was dropped with its thread.
     assert!(ledger.store().allocations().expect("allocs").is_empty());
 }
+
+crate::conformance!(
+    concurrent_threads_never_exceed_usable,
+    concurrent_processes_never_exceed_usable,
+    bad_input_changes_nothing,
+    sigkilled_holder_is_released_by_next_claim_and_gc,
+    reused_pid_and_other_boot_are_stale_other_machines_are_not,
+    claim_local_names_the_missing_resource_and_releases_on_drop,
+    remove_force_and_json_output,
+    first_use_from_many_threads_registers_the_local_host_once,
+);

@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier};
 
 use minivmm::pool::{Amounts, HostSpec, Ledger, Resource};
 use minivmm::scheduler::{Request, ScheduleError, Scheduler, Weights};
-use pool_util::Scratch;
+use pool_util::{Backend, Scratch};
 
 /// Usage equals the allocations' sums and stays within usable on every host.
 fn assert_no_overcommit(ledger: &Ledger) -> u64 {
@@ -32,9 +32,8 @@ fn assert_no_overcommit(ledger: &Ledger) -> u64 {
     vms
 }
 
-#[test]
-fn scheduler_threads_never_overcommit() {
-    let s = Scratch::new("sched-threads");
+fn scheduler_threads_never_overcommit(b: Backend) {
+    let s = Scratch::with("sched-threads", b);
     let ledger = Ledger::open(Some(&s.pool())).expect("open");
     // 4 hosts × 4 vCPUs × ratio 4 = 64 slots of one vCPU.
     for name in ["h1", "h2", "h3", "h4"] {
@@ -70,9 +69,8 @@ fn scheduler_threads_never_overcommit() {
     assert_eq!(assert_no_overcommit(&ledger), 64);
 }
 
-#[test]
-fn scheduler_processes_never_overcommit() {
-    let s = Scratch::new("sched-procs");
+fn scheduler_processes_never_overcommit(b: Backend) {
+    let s = Scratch::with("sched-procs", b);
     let pool = s.pool();
     for (name, vcpus) in [("p1", "1"), ("p2", "1"), ("p3", "1")] {
         pool_util::ok(
@@ -119,3 +117,8 @@ fn scheduler_processes_never_overcommit() {
     assert_eq!(assert_no_overcommit(&ledger), 12);
     assert_eq!(ledger.store().allocations().expect("allocs").len(), 12);
 }
+
+crate::conformance!(
+    scheduler_threads_never_overcommit,
+    scheduler_processes_never_overcommit,
+);

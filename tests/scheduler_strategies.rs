@@ -4,7 +4,7 @@ mod pool_util;
 
 use minivmm::pool::{Amounts, HostSpec, Ledger};
 use minivmm::scheduler::{Rejection, Request, ScheduleError, Scheduler, Weights};
-use pool_util::Scratch;
+use pool_util::{Backend, Scratch};
 
 /// Hosts and allocations as stored. (One lock at a time: a store guard is held until
 /// the end of the statement that takes it.)
@@ -37,9 +37,8 @@ const ABC: &[(&str, u64, u64, f64, &str)] = &[
     ("c", 4, 8192, 0.5, "b"),
 ];
 
-#[test]
-fn spread_picks_the_most_free_after_placement() {
-    let s = Scratch::new("spread");
+fn spread_picks_the_most_free_after_placement(b: Backend) {
+    let s = Scratch::with("spread", b);
     let mut sched = Scheduler::new(pool(&s, ABC));
     let p = sched.place(&req(2, 2048, Weights::SPREAD)).expect("place");
     assert_eq!(p.host, "b");
@@ -47,9 +46,8 @@ fn spread_picks_the_most_free_after_placement() {
     assert!((p.score.spread - (62.0 / 64.0 + 30.0 / 32.0 + 1.0) / 3.0).abs() < 1e-12);
 }
 
-#[test]
-fn pack_picks_the_fullest_host_that_fits() {
-    let s = Scratch::new("pack");
+fn pack_picks_the_fullest_host_that_fits(b: Backend) {
+    let s = Scratch::with("pack", b);
     let mut sched = Scheduler::new(pool(&s, ABC));
     assert_eq!(
         sched
@@ -68,9 +66,8 @@ fn pack_picks_the_fullest_host_that_fits() {
     );
 }
 
-#[test]
-fn cost_rule_is_argmax_of_demand_times_free_over_cost() {
-    let s = Scratch::new("cost");
+fn cost_rule_is_argmax_of_demand_times_free_over_cost(b: Backend) {
+    let s = Scratch::with("cost", b);
     // x and y are the same size; y costs twice as much: x wins.
     // z is twice as big as x at 1.5× the price: D·R/C = 2/1.5 > 1, so z wins over x.
     let ledger = pool(
@@ -119,9 +116,8 @@ fn cost_rule_is_argmax_of_demand_times_free_over_cost() {
     );
 }
 
-#[test]
-fn ties_break_by_host_name() {
-    let s = Scratch::new("ties");
+fn ties_break_by_host_name(b: Backend) {
+    let s = Scratch::with("ties", b);
     let ledger = pool(
         &s,
         &[
@@ -136,9 +132,8 @@ fn ties_break_by_host_name() {
     }
 }
 
-#[test]
-fn weights_combine() {
-    let s = Scratch::new("weights");
+fn weights_combine(b: Backend) {
+    let s = Scratch::with("weights", b);
     let mut sched = Scheduler::new(pool(&s, ABC));
     let w = Weights::parse("cost=2,spread=1").expect("weights");
     assert_eq!((w.spread, w.pack, w.cost), (1.0, 0.0, 2.0));
@@ -155,9 +150,8 @@ fn weights_combine() {
     }
 }
 
-#[test]
-fn fit_counts_reserved_and_ratios_exactly() {
-    let s = Scratch::new("fit");
+fn fit_counts_reserved_and_ratios_exactly(b: Backend) {
+    let s = Scratch::with("fit", b);
     let ledger = Ledger::open(Some(&s.pool())).expect("open");
     let mut spec = HostSpec::new("h", 10, 10_000, 100);
     spec.inventories[0].reserved = 2; // (10 − 2) × 1.5 = 12 vCPUs usable
@@ -179,9 +173,8 @@ fn fit_counts_reserved_and_ratios_exactly() {
     }
 }
 
-#[test]
-fn filters_disabled_labels_group_max_vms_and_limits() {
-    let s = Scratch::new("filters");
+fn filters_disabled_labels_group_max_vms_and_limits(b: Backend) {
+    let s = Scratch::with("filters", b);
     let ledger = pool(
         &s,
         &[
@@ -265,9 +258,8 @@ fn filters_disabled_labels_group_max_vms_and_limits() {
     );
 }
 
-#[test]
-fn bad_requests_are_refused_and_change_nothing() {
-    let s = Scratch::new("badreq");
+fn bad_requests_are_refused_and_change_nothing(b: Backend) {
+    let s = Scratch::with("badreq", b);
     let ledger = pool(&s, ABC);
     let mut sched = Scheduler::new(ledger.clone());
     sched.place(&req(1, 512, Weights::SPREAD)).expect("place");
@@ -355,9 +347,8 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(before, after_cli);
 }
 
-#[test]
-fn index_follows_changes_from_other_connections() {
-    let s = Scratch::new("follow");
+fn index_follows_changes_from_other_connections(b: Backend) {
+    let s = Scratch::with("follow", b);
     let ledger = pool(&s, &[("a", 1, 4096, 1.0, "a"), ("b", 1, 4096, 1.0, "a")]);
     let mut sched = Scheduler::new(ledger.clone());
     sched.refresh().expect("load");
@@ -394,9 +385,8 @@ fn index_follows_changes_from_other_connections() {
     ));
 }
 
-#[test]
-fn batches_are_durable_and_in_order() {
-    let s = Scratch::new("batch");
+fn batches_are_durable_and_in_order(b: Backend) {
+    let s = Scratch::with("batch", b);
     let ledger = pool(&s, &[("a", 2, 4096, 1.0, "a")]);
     let mut sched = Scheduler::new(ledger.clone());
     let reqs: Vec<Request> = (0..10)
@@ -421,9 +411,8 @@ fn batches_are_durable_and_in_order() {
 /// Reading is not writing: `explain` (and the `refresh` under it) works while
 /// another process holds the pool's write lock, follows a change made meanwhile by
 /// someone else, and leaves the pool's generation where it was.
-#[test]
-fn explain_reads_the_pool_without_writing_it() {
-    let s = Scratch::new("explain-reads");
+fn explain_reads_the_pool_without_writing_it(b: Backend) {
+    let s = Scratch::with("explain-reads", b);
     let ledger = pool(&s, ABC);
     let mut sched = Scheduler::new(ledger.clone());
     sched.refresh().expect("first look");
@@ -443,8 +432,7 @@ fn explain_reads_the_pool_without_writing_it() {
             .max()
     };
     let before = generation();
-    let holder = rusqlite::Connection::open(s.pool()).expect("open");
-    holder.execute_batch("BEGIN IMMEDIATE").expect("write lock");
+    let holder = s.lock_writes();
     let t0 = std::time::Instant::now();
     let verdicts = sched
         .explain(&req(2, 2048, Weights::SPREAD))
@@ -457,17 +445,16 @@ fn explain_reads_the_pool_without_writing_it() {
     );
     let a = &verdicts.iter().find(|(h, _)| h == "a").expect("a").1;
     assert!(format!("{a:?}").contains("Vcpus"), "a is full now: {a:?}");
-    holder.execute_batch("ROLLBACK").unwrap();
+    drop(holder);
     assert_eq!(generation(), before, "explain changed the pool");
 }
 
 /// One fit rule: for a host that fails several checks at once, the scheduler's
 /// explanation and the ledger's refusal of a direct claim name the same one.
-#[test]
-fn the_scheduler_and_the_ledger_give_the_same_reason() {
+fn the_scheduler_and_the_ledger_give_the_same_reason(b: Backend) {
     use minivmm::pool::{PoolError, Resource};
     use minivmm::scheduler::Rejection;
-    let s = Scratch::new("one-rule");
+    let s = Scratch::with("one-rule", b);
     let ledger = Ledger::open(Some(&s.pool())).expect("open");
     // h: 4 vCPUs x 1.0, memory in steps of 512 MiB, at most 1 VM.
     let mut spec = HostSpec::new("h", 4, 8192, 100);
@@ -514,3 +501,18 @@ fn the_scheduler_and_the_ledger_give_the_same_reason() {
         "{claim}"
     );
 }
+
+crate::conformance!(
+    spread_picks_the_most_free_after_placement,
+    pack_picks_the_fullest_host_that_fits,
+    cost_rule_is_argmax_of_demand_times_free_over_cost,
+    ties_break_by_host_name,
+    weights_combine,
+    fit_counts_reserved_and_ratios_exactly,
+    filters_disabled_labels_group_max_vms_and_limits,
+    bad_requests_are_refused_and_change_nothing,
+    index_follows_changes_from_other_connections,
+    batches_are_durable_and_in_order,
+    explain_reads_the_pool_without_writing_it,
+    the_scheduler_and_the_ledger_give_the_same_reason,
+);

@@ -16,7 +16,9 @@ use super::{Allocation, Ledger, PoolError, owner};
 /// Options shared by every `pool` and `schedule` command.
 #[derive(Debug, Clone, Args)]
 pub struct PoolLocation {
-    /// Pool file [default: $MINIVMM_POOL, else $XDG_STATE_HOME/minivmm/pool.db, else
+    /// The pool: an SQLite file (PATH or sqlite:PATH) or a PostgreSQL database shared
+    /// by many hosts (postgres://USER@HOST/DB, or postgresql:///DB?host=/run/postgresql)
+    /// [default: $MINIVMM_POOL, else $XDG_STATE_HOME/minivmm/pool.db, else
     /// ~/.local/state/minivmm/pool.db]
     #[arg(long, value_name = "PATH", global = true)]
     pub pool: Option<PathBuf>,

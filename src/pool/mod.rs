@@ -9,6 +9,7 @@ pub mod cli;
 mod local;
 pub mod model;
 pub mod owner;
+pub mod postgres;
 pub mod sqlite;
 pub mod store;
 pub mod table;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use model::{Allocation, Amounts, Host, HostSpec, Inventory, Owner, Resource};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use store::{ClaimRequest, Committed, Delta, Released, Store};
 
@@ -60,7 +62,10 @@ pub enum PoolError {
     #[error("pool database error: {0}")]
     Database(BackendError),
     /// The pool's URL names a store this minivmm cannot open.
-    #[error("cannot open pool {url:?}: {why}. Pools are SQLite files: give a path or sqlite:PATH")]
+    #[error(
+        "cannot open pool {url:?}: {why}. A pool is an SQLite file (a path or sqlite:PATH) \
+         or a PostgreSQL database (postgres://USER@HOST/DB)"
+    )]
     UnsupportedStore {
         /// As given.
         url: String,
@@ -171,6 +176,31 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// The ledger's error for a host named `host` that cannot take a claim.
+    pub(crate) fn misfit(m: model::Misfit, host: String) -> PoolError {
+        use model::Misfit;
+        match m {
+            Misfit::Disabled => PoolError::HostDisabled(host),
+            Misfit::MaxVms(max) => PoolError::HostFull { host, max },
+            Misfit::Group(group) => PoolError::GroupConflict { host, group },
+            Misfit::Limit {
+                resource,
+                need,
+                reason,
+            } => PoolError::Invalid(format!("{resource} {need} on host {host}: {reason}")),
+            Misfit::Lacks {
+                resource,
+                need,
+                free,
+            } => PoolError::Insufficient {
+                host,
+                resource,
+                asked: resource.show(need),
+                free: resource.show(free),
+            },
+        }
+    }
+
     /// Whether this is the ledger saying "it does not fit here" (capacity, a
     /// disabled or full host, an anti-affinity group), rather than a failure.
     pub fn is_no_fit(&self) -> bool {
@@ -200,18 +230,26 @@ pub fn default_path() -> Result<PathBuf, PoolError> {
     Ok(state.join("minivmm/pool.db"))
 }
 
+/// Where a pool is: an SQLite file or a PostgreSQL database.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Location {
+    /// An SQLite file (created on first use).
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://` or `postgresql://`).
+    Postgres(String),
+}
+
 /// Where a pool named by `--pool` or `$MINIVMM_POOL` is: a path (`pool.db`,
-/// `/var/lib/minivmm/pool.db`) or a URL, `sqlite:PATH` (`sqlite:///abs/path` too).
-/// `postgres://` and `postgresql://` URLs are recognised and refused with a clear
-/// message: a shared PostgreSQL store is planned, not built.
-pub fn store_path(given: &Path) -> Result<PathBuf, PoolError> {
+/// `/var/lib/minivmm/pool.db`), `sqlite:PATH` (`sqlite:///abs/path` too), or a
+/// PostgreSQL URL (`postgres://user@host/db`, `postgresql:///db?host=/run/postgresql`).
+pub fn locate(given: &Path) -> Result<Location, PoolError> {
     let text = given.to_string_lossy();
     let unsupported = |why| PoolError::UnsupportedStore {
         url: text.to_string(),
         why,
     };
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-        return Err(unsupported("PostgreSQL stores are not built yet"));
+        return Ok(Location::Postgres(text.into_owned()));
     }
     if let Some(rest) = text.strip_prefix("sqlite:") {
         // sqlite:///abs/path and sqlite://localhost/abs/path name a file URL's path.
@@ -222,7 +260,7 @@ pub fn store_path(given: &Path) -> Result<PathBuf, PoolError> {
         if rest.is_empty() {
             return Err(unsupported("the URL names no file"));
         }
-        return Ok(PathBuf::from(rest));
+        return Ok(Location::Sqlite(PathBuf::from(rest)));
     }
     let url_scheme = text.split_once("://").map(|(scheme, _)| scheme);
     if url_scheme.is_some_and(|sc| {
@@ -230,7 +268,7 @@ pub fn store_path(given: &Path) -> Result<PathBuf, PoolError> {
     }) {
         return Err(unsupported("unknown URL scheme"));
     }
-    Ok(given.to_path_buf())
+    Ok(Location::Sqlite(given.to_path_buf()))
 }
 
 /// Makes every wait of this process for another process's lock on a pool give up at
@@ -255,9 +293,19 @@ impl Ledger {
     /// path is taken from the current directory, once, here: messages then name the
     /// file in full and `init` measures the right file system.
     pub fn open(path: Option<&Path>) -> Result<Ledger, PoolError> {
-        let path = match path {
-            Some(p) => store_path(p)?,
-            None => store_path(&default_path()?)?,
+        let location = match path {
+            Some(p) => locate(p)?,
+            None => locate(&default_path()?)?,
+        };
+        let path = match location {
+            Location::Postgres(url) => {
+                let store = PostgresStore::open(&url)?;
+                return Ok(Ledger::with_store(
+                    Box::new(store),
+                    postgres::redact(&url).into(),
+                ));
+            }
+            Location::Sqlite(path) => path,
         };
         let path = std::path::absolute(&path).map_err(|source| PoolError::Io {
             what: format!("the current directory, to find pool {:?}", path.display()),
@@ -276,7 +324,7 @@ impl Ledger {
         }
     }
 
-    /// The pool file.
+    /// The pool file, or the PostgreSQL URL (password hidden).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -299,11 +347,15 @@ impl Ledger {
             Err(e) => return Err(e),
         }
         // The parent of a bare "p.db" is "", which statvfs cannot find: that is ".".
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        // A shared database says nothing of this machine's disks: count the root's.
+        let dir = match locate(&self.path) {
+            Ok(Location::Sqlite(_)) => self
+                .path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+            _ => Path::new("/"),
+        };
         let spec = local::local_host_spec(dir)?;
         match store.add_hosts(std::slice::from_ref(&spec)) {
             // Another process registered it between our look and our write: fine.
@@ -537,34 +589,21 @@ mod tests {
 
     #[test]
     fn pools_are_named_by_path_or_url() {
-        let p = |s: &str| store_path(Path::new(s));
-        assert_eq!(p("pool.db").unwrap(), PathBuf::from("pool.db"));
-        assert_eq!(p("/var/lib/p.db").unwrap(), PathBuf::from("/var/lib/p.db"));
-        assert_eq!(p("sqlite:p.db").unwrap(), PathBuf::from("p.db"));
-        assert_eq!(p("sqlite:///var/p.db").unwrap(), PathBuf::from("/var/p.db"));
-        assert_eq!(
-            p("sqlite://localhost/var/p.db").unwrap(),
-            PathBuf::from("/var/p.db")
-        );
+        let p = |s: &str| locate(Path::new(s));
+        let file = |s: &str| Location::Sqlite(PathBuf::from(s));
+        assert_eq!(p("pool.db").unwrap(), file("pool.db"));
+        assert_eq!(p("/var/lib/p.db").unwrap(), file("/var/lib/p.db"));
+        assert_eq!(p("sqlite:p.db").unwrap(), file("p.db"));
+        assert_eq!(p("sqlite:///var/p.db").unwrap(), file("/var/p.db"));
+        assert_eq!(p("sqlite://localhost/var/p.db").unwrap(), file("/var/p.db"));
         // A colon in a plain file name is a file name.
-        assert_eq!(p("a:b.db").unwrap(), PathBuf::from("a:b.db"));
-        for bad in [
-            "postgres://h/db",
-            "postgresql://u@h:5432/db",
-            "mysql://h/db",
-            "sqlite:",
-        ] {
-            let e = p(bad).unwrap_err().to_string();
-            assert!(
-                e.contains(bad) && e.contains("give a path or sqlite:PATH"),
-                "{e}"
-            );
+        assert_eq!(p("a:b.db").unwrap(), file("a:b.db"));
+        for url in ["postgres://h/db", "postgresql://u@h:5432/db"] {
+            assert_eq!(p(url).unwrap(), Location::Postgres(url.into()));
         }
-        assert!(
-            p("postgres://h/db")
-                .unwrap_err()
-                .to_string()
-                .contains("not built yet")
-        );
+        for bad in ["mysql://h/db", "sqlite:"] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("sqlite:PATH"), "{e}");
+        }
     }
 }

@@ -348,6 +348,22 @@ impl HostSpec {
         }
     }
 
+    /// Whether this (new) spec of host `name` still holds what is in use there:
+    /// capacity may shrink, but never below its live allocations.
+    pub fn holds(&self, name: &str, used: &Amounts) -> Result<(), PoolError> {
+        for r in Resource::ALL {
+            let (usable, used) = (self.inventory(r).usable(), used.get(r));
+            if used > usable {
+                return Err(PoolError::Invalid(format!(
+                    "{r} on host {name}: {} is in use, more than the new usable {}",
+                    r.show(used),
+                    r.show(usable)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The inventory of one resource class.
     pub fn inventory(&self, r: Resource) -> &Inventory {
         &self.inventories[r.index()]

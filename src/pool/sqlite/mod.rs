@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use super::PoolError;
-use super::model::{Allocation, Amounts, Host, HostSpec, Resource};
+use super::model::{Allocation, Amounts, Host, HostSpec};
 use super::store::{Chooser, Committed, Delta, Released, Store};
 use read::{N, Which, bind, load_allocations, load_host_by_id, load_hosts, u};
 use writer::Writer;
@@ -117,16 +117,7 @@ impl Store for SqliteStore {
             {
                 return Err(PoolError::DuplicateHost(spec.name.clone()));
             }
-            for r in Resource::ALL {
-                let (usable, used) = (spec.inventory(r).usable(), current.used.get(r));
-                if used > usable {
-                    return Err(PoolError::Invalid(format!(
-                        "{r} on host {name}: {} is in use, more than the new usable {}",
-                        r.show(used),
-                        r.show(usable)
-                    )));
-                }
-            }
+            spec.holds(name, &current.used)?;
             let g = w.generation()?;
             w.conn.execute(
                 "UPDATE hosts SET name = ?1, enabled = ?2, cost = ?3, hours = ?4, max_vms = ?5,

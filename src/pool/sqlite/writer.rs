@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::now;
 use super::read::{N, bind, inventory_at, load_allocations, opt, resource, u};
 use crate::pool::model::{
-    Allocation, Amounts, HostSpec, HostState, Inventory, Misfit, Owner, Resource, fit,
+    Allocation, Amounts, HostSpec, HostState, Inventory, Owner, Resource, fit,
 };
 use crate::pool::store::ClaimRequest;
 use crate::pool::{PoolError, owner};
@@ -243,7 +243,7 @@ impl<'c> Writer<'c> {
             inventories: &inventories,
             used,
         };
-        fit(state, group, &req.amounts).map_err(|m| misfit_error(m, name.clone()))?;
+        fit(state, group, &req.amounts).map_err(|m| PoolError::misfit(m, name.clone()))?;
         Ok(name)
     }
 
@@ -313,29 +313,5 @@ impl<'c> Writer<'c> {
             owner: req.owner.clone(),
             created,
         })
-    }
-}
-
-/// The ledger's error for a host that cannot take a claim.
-fn misfit_error(m: Misfit, host: String) -> PoolError {
-    match m {
-        Misfit::Disabled => PoolError::HostDisabled(host),
-        Misfit::MaxVms(max) => PoolError::HostFull { host, max },
-        Misfit::Group(group) => PoolError::GroupConflict { host, group },
-        Misfit::Limit {
-            resource,
-            need,
-            reason,
-        } => PoolError::Invalid(format!("{resource} {need} on host {host}: {reason}")),
-        Misfit::Lacks {
-            resource,
-            need,
-            free,
-        } => PoolError::Insufficient {
-            host,
-            resource,
-            asked: resource.show(need),
-            free: resource.show(free),
-        },
     }
 }
