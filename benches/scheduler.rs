@@ -8,9 +8,16 @@
 //!    Prints placements/s and p50/p99 of one decision (index pass + index update).
 //! 2. Criterion: one decision (`Scheduler::decide`) on a loaded index, per pool size.
 //!
+//! 3. Concurrent schedulers: MINIVMM_BENCH_SCHEDULERS threads (default 20), each with its
+//!    own connection and index, place the same 100,000 VMs between them; total
+//!    placements/s, and a recount of every host proves that none is overcommitted.
+//!
 //! Environment: MINIVMM_BENCH_HOSTS (default 1000,10000,100000), MINIVMM_BENCH_VMS
 //! (100000), MINIVMM_BENCH_BATCH (256), MINIVMM_BENCH_STRATEGY (spread),
-//! MINIVMM_BENCH_E2E=0, MINIVMM_BENCH_CPU=0 or MINIVMM_BENCH_CRITERION=0 to skip a part.
+//! MINIVMM_BENCH_E2E=0, MINIVMM_BENCH_CPU=0, MINIVMM_BENCH_CRITERION=0 or
+//! MINIVMM_BENCH_SCHEDULERS=0 to skip a part. MINIVMM_BENCH_POOL=postgres://... runs
+//! every part on that PostgreSQL database instead of an SQLite file (its `minivmm`
+//! schema is dropped before each pool is built: give a database of its own).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -40,11 +47,32 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-/// A fresh pool file with `n` hosts of mixed sizes, costs and zones.
+/// Where the benchmark's pool is: `$MINIVMM_BENCH_POOL` (a PostgreSQL URL), else a
+/// file in `dir`.
+fn pool_location(dir: &std::path::Path) -> PathBuf {
+    match std::env::var("MINIVMM_BENCH_POOL") {
+        Ok(url) if !url.is_empty() => PathBuf::from(url),
+        _ => dir.join("pool.db"),
+    }
+}
+
+/// Empties the PostgreSQL pool, if the benchmark uses one.
+fn drop_postgres_pool() {
+    if let Ok(url) = std::env::var("MINIVMM_BENCH_POOL")
+        && !url.is_empty()
+    {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        c.batch_execute("DROP SCHEMA IF EXISTS minivmm CASCADE")
+            .expect("drop schema");
+    }
+}
+
+/// A fresh pool with `n` hosts of mixed sizes, costs and zones.
 fn build_pool(n: usize) -> (PathBuf, Ledger) {
     let dir = std::env::temp_dir().join(format!("minivmm-bench-sched-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let ledger = Ledger::open(Some(&dir.join("pool.db"))).expect("open pool");
+    drop_postgres_pool();
+    let ledger = Ledger::open(Some(&pool_location(&dir))).expect("open pool");
     let mut rng = Lcg(n as u64);
     let specs: Vec<HostSpec> = (0..n)
         .map(|i| {
@@ -126,6 +154,82 @@ fn end_to_end(hosts: usize, count: usize, batch: usize, weights: Weights) {
         loaded.as_secs_f64(),
     );
     drop(sched);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Part 3: `schedulers` threads, each with its own connection and index, place `count`
+/// VMs between them; prints total placements/s and checks that no host is overcommitted.
+fn concurrent(hosts: usize, count: usize, batch: usize, schedulers: usize, weights: Weights) {
+    let (dir, ledger) = build_pool(hosts);
+    let location = pool_location(&dir);
+    let reqs = vms(count, weights);
+    let per = count.div_ceil(schedulers);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(schedulers + 1));
+    let threads: Vec<_> = reqs
+        .chunks(per)
+        .map(|mine| {
+            let (mine, location, barrier) = (mine.to_vec(), location.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut sched = Scheduler::new(Ledger::open(Some(&location)).expect("open"));
+                sched.refresh().expect("load index");
+                barrier.wait();
+                let (mut placed, mut refused, mut retried) = (0usize, 0usize, 0usize);
+                for chunk in mine.chunks(batch) {
+                    // A lock wait past its limit fails the whole batch: try it again.
+                    let results = loop {
+                        match sched.place_batch(chunk, false) {
+                            Ok(r) => break r,
+                            Err(e) => {
+                                retried += 1;
+                                assert!(retried < 100, "batch keeps failing: {e}");
+                            }
+                        }
+                    };
+                    for r in results {
+                        match r {
+                            Ok(_) => placed += 1,
+                            Err(_) => refused += 1,
+                        }
+                    }
+                }
+                (placed, refused, retried)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let run = Instant::now();
+    let (mut placed, mut refused, mut retried) = (0, 0, 0);
+    for t in threads {
+        let (p, r, x) = t.join().expect("scheduler thread");
+        placed += p;
+        refused += r;
+        retried += x;
+    }
+    let wall = run.elapsed();
+    let mut store = ledger.store();
+    let truth = store.recount().expect("recount");
+    let mut overcommitted = 0;
+    for h in store.hosts().expect("hosts") {
+        let (sum, vms) = truth[&h.spec.name];
+        assert_eq!(
+            (h.used, h.vms),
+            (sum, vms),
+            "host {} usage drifted",
+            h.spec.name
+        );
+        if minivmm::pool::Resource::ALL
+            .iter()
+            .any(|&r| h.used.get(r) > h.usable(r))
+        {
+            overcommitted += 1;
+        }
+    }
+    println!(
+        "| {hosts:>7} | {schedulers:>10} | {count:>7} | {placed:>7} | {refused:>6} | {retried:>7} | {:>9.0} | {overcommitted:>13} |",
+        placed as f64 / wall.as_secs_f64()
+    );
+    assert_eq!(overcommitted, 0, "a host is overcommitted");
+    drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -227,6 +331,20 @@ fn main() {
         );
         for &n in &sizes {
             end_to_end(n, count, batch.max(1), weights);
+        }
+    }
+    let schedulers: usize = env_or("MINIVMM_BENCH_SCHEDULERS", "20")
+        .parse()
+        .expect("MINIVMM_BENCH_SCHEDULERS");
+    if schedulers > 0 {
+        println!(
+            "| hosts   | schedulers | VMs     | placed  | no fit | retried | placed/s  | overcommitted |"
+        );
+        println!(
+            "|---------|------------|---------|---------|--------|---------|-----------|---------------|"
+        );
+        for &n in &sizes {
+            concurrent(n, count, batch.max(1), schedulers, weights);
         }
     }
     if env_or("MINIVMM_BENCH_CPU", "1") != "0" {
