@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::ServeOptions;
 use super::client::{self, ClientError};
 use super::spec::{DiskRequest, Memory, RestartPolicy, ShareRequest, VmSpec};
-use super::supervisor::AgentConfig;
+use super::supervisor::{AgentConfig, Fleet};
 use crate::outln;
 use crate::pool::table::Table;
 use crate::vmm::{config, status};
@@ -38,9 +38,22 @@ pub struct ServeArgs {
     /// nothing outside it can be named, through `..` or symbolic links either.
     #[arg(long, value_name = "DIR", required = true)]
     pub images: Vec<PathBuf>,
-    /// The pool file the VMs claim their resources in (see `minivmm run --help`).
-    #[arg(long, value_name = "PATH")]
+    /// The pool the VMs claim their resources in: an SQLite file, where this
+    /// agent's API creates VMs (see `minivmm run --help`), or a PostgreSQL pool
+    /// shared by many hosts (postgres://...), where the agent starts the VMs that
+    /// `minivmm vm create --pool` places on its host (--host-name) and refuses
+    /// creations through its socket [default: $MINIVMM_POOL, else a file in
+    /// ~/.local/state/minivmm].
+    #[arg(long, value_name = "PATH|URL")]
     pub pool: Option<PathBuf>,
+    /// With a PostgreSQL pool: the pool's host this agent runs (added beforehand
+    /// with `minivmm pool add-host`) [default: this machine's hostname].
+    #[arg(long, value_name = "NAME")]
+    pub host_name: Option<String>,
+    /// With a PostgreSQL pool: how long a host's agent may be silent before the
+    /// other agents mark the host down and show its VMs as lost.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub down_after: Duration,
     /// How long a stopped VM may take to end before it is killed.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
@@ -66,6 +79,38 @@ pub fn serve(args: ServeArgs) -> i32 {
             return status::VMM_ERROR;
         }
     };
+    let fleet = match crate::pool::locate(&pool) {
+        Ok(crate::pool::Location::Postgres(url)) => {
+            let host = match args
+                .host_name
+                .map(Ok)
+                .unwrap_or_else(crate::pool::owner::hostname)
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("minivmm serve: {e}; give --host-name NAME");
+                    return status::VMM_ERROR;
+                }
+            };
+            Some(Fleet {
+                url,
+                host,
+                down_after: args.down_after,
+            })
+        }
+        Ok(_) if args.host_name.is_some() => {
+            eprintln!(
+                "minivmm serve: --host-name needs a PostgreSQL pool (--pool postgres://...); \
+                 an SQLite pool's agent is its machine's host"
+            );
+            return status::USAGE;
+        }
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("minivmm serve: {e}");
+            return status::USAGE;
+        }
+    };
     for d in &args.images {
         if !d.is_dir() {
             eprintln!("minivmm serve: --images {}: not a directory", d.display());
@@ -83,6 +128,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             pool,
             exe,
             stop_grace: args.stop_grace,
+            fleet,
         },
     };
     match super::serve(opts) {
@@ -103,6 +149,12 @@ pub struct VmArgs {
     /// Print the agent's JSON instead of tables and sentences.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Talk to a shared PostgreSQL pool (postgres://...) instead of one agent:
+    /// `create` places the VM with the scheduler and its host's agent starts it;
+    /// `list` and `show` give every VM of the pool with its host; `delete` asks its
+    /// agent to stop and remove it.
+    #[arg(long, value_name = "URL", global = true)]
+    pub pool: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: VmCommand,
@@ -254,6 +306,9 @@ impl CreateArgs {
 /// `minivmm vm ...`: 0 when the agent did it, 1 when it refused (its message is
 /// printed), 125 when it could not be reached.
 pub fn vm(args: VmArgs) -> i32 {
+    if let Some(url) = &args.pool {
+        return pool_vm(url, &args);
+    }
     let socket = args.socket.clone().unwrap_or_else(client::default_socket);
     let call =
         |method: &str, path: &str, body: Option<String>| -> Result<(u16, Vec<u8>), ClientError> {
@@ -390,6 +445,141 @@ fn print_vm(v: &Value) {
     ] {
         if !v[key].is_null() {
             outln!("{key:<14} {}", cell(&v[key]));
+        }
+    }
+}
+
+/// `minivmm vm --pool URL ...`: the pool's VMs, through the database.
+fn pool_vm(url: &str, args: &VmArgs) -> i32 {
+    use crate::pool::{Ledger, Location, PoolError, PostgresStore, locate};
+    use crate::scheduler::{Request, ScheduleError, Scheduler};
+    if !matches!(locate(std::path::Path::new(url)), Ok(Location::Postgres(_))) {
+        eprintln!(
+            "minivmm vm: --pool {url:?}: not a postgres:// URL; VMs of a one-machine pool \
+             are created through its agent's socket (--socket)"
+        );
+        return status::USAGE;
+    }
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("minivmm vm: {e}");
+        1
+    };
+    let find = |name: &str| -> Result<crate::pool::postgres::fleet::VmRecord, PoolError> {
+        PostgresStore::open(url)?
+            .vms(None)?
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| PoolError::UnknownVm(name.to_string()))
+    };
+    match &args.command {
+        VmCommand::Create(c) => {
+            let spec = match c.spec() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("minivmm vm create: {e}");
+                    return status::USAGE;
+                }
+            };
+            let memory_mib = match &spec.memory {
+                super::spec::Memory::Mib(m) => Ok(*m),
+                super::spec::Memory::Text(t) => {
+                    config::parse_memory_mib(t).map_err(|e| e.to_string())
+                }
+            };
+            let memory_mib = match memory_mib {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("minivmm vm create: --memory: {e}");
+                    return status::USAGE;
+                }
+            };
+            let mut req = Request::new(
+                &spec.name,
+                crate::pool::Amounts::new(spec.vcpus.into(), memory_mib, 0),
+            );
+            req.group = spec.group.clone();
+            req.vm_spec = Some(serde_json::to_string(&spec).unwrap_or_default());
+            let placed = Ledger::open(Some(std::path::Path::new(url)))
+                .map_err(ScheduleError::from)
+                .and_then(|l| Scheduler::new(l).place(&req));
+            match placed {
+                Ok(p) => {
+                    if args.json {
+                        outln!(
+                            "{}",
+                            json!({"name": spec.name, "host": p.host, "allocation": p.allocation_id})
+                        );
+                    } else {
+                        outln!(
+                            "placed {} on {} (allocation {})",
+                            spec.name,
+                            p.host,
+                            p.allocation_id
+                        );
+                    }
+                    0
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        VmCommand::List => match PostgresStore::open(url).and_then(|mut s| s.vms(None)) {
+            Ok(vms) if args.json => {
+                outln!("{}", serde_json::to_value(&vms).unwrap_or_default());
+                0
+            }
+            Ok(vms) => {
+                let mut t = Table::new(&["NAME", "HOST", "STATE", "DESIRED", "EXIT", "REASON"]);
+                for v in &vms {
+                    let host = if v.host_down {
+                        format!("{} (down)", v.host)
+                    } else {
+                        v.host.clone()
+                    };
+                    t.row(vec![
+                        v.name.clone(),
+                        host,
+                        v.state.clone(),
+                        v.desired.clone(),
+                        v.status.map_or("-".into(), |s| s.to_string()),
+                        v.reason.clone().unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+                crate::output::print(format_args!("{}", t.render()));
+                0
+            }
+            Err(e) => fail(&e),
+        },
+        VmCommand::Show { name } => match find(name) {
+            Ok(v) => {
+                let v = serde_json::to_value(&v).unwrap_or_default();
+                if args.json {
+                    outln!("{v}");
+                } else {
+                    for (k, val) in v.as_object().into_iter().flatten() {
+                        outln!("{k:<14} {}", cell(val));
+                    }
+                }
+                0
+            }
+            Err(e) => fail(&e),
+        },
+        VmCommand::Delete { name } => {
+            match PostgresStore::open(url).and_then(|mut s| s.request_delete(name)) {
+                Ok(v) => {
+                    if !args.json {
+                        outln!("deleting {name} on {}", v.host);
+                    }
+                    0
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        _ => {
+            eprintln!(
+                "minivmm vm: with --pool, only create, list, show and delete; stop, console \
+                 and logs go to the VM's agent (--socket) on its host"
+            );
+            status::USAGE
         }
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod fleet;
 pub mod spec;
 pub mod supervisor;
 
@@ -140,7 +141,16 @@ pub enum ServeError {
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // A bad --group is refused before anything is created.
     let gid = opts.group.as_deref().map(group_id).transpose()?;
+    let follow = opts.agent.fleet.clone();
     let sup = Supervisor::open(opts.agent).map_err(ServeError::State)?;
+    if let Some(f) = follow {
+        log::info!(
+            "following pool {} as host {}",
+            crate::pool::postgres::redact(&f.url),
+            f.host
+        );
+        fleet::follow(sup.clone(), f).map_err(ServeError::Runtime)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

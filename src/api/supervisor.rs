@@ -75,6 +75,20 @@ pub struct AgentConfig {
     pub exe: PathBuf,
     /// How long a stopped VM may take to end before it is killed.
     pub stop_grace: Duration,
+    /// Set when the agent serves a host of a shared (PostgreSQL) pool: it starts
+    /// the VMs the pool places on that host, instead of taking them from its API.
+    pub fleet: Option<Fleet>,
+}
+
+/// An agent's place in a shared pool.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    /// The pool's postgres:// URL.
+    pub url: String,
+    /// The pool's host this agent serves.
+    pub host: String,
+    /// How long an agent may be silent before other agents mark its host down.
+    pub down_after: Duration,
 }
 
 /// What the VM process file run.json says.
@@ -157,10 +171,22 @@ impl Supervisor {
             changed: Condvar::new(),
             started: Instant::now(),
         });
-        sup.ledger()?
-            .init_local()
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        sup.gc();
+        match &sup.cfg.fleet {
+            // The pool's hosts are the operator's (`pool add-host`): this agent's
+            // must be one of them; what its VMs hold is the placement's allocation.
+            Some(f) => {
+                sup.ledger()?
+                    .store()
+                    .host(&f.host)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            }
+            None => {
+                sup.ledger()?
+                    .init_local()
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                sup.gc();
+            }
+        }
         sup.adopt_all()?;
         Ok(sup)
     }
@@ -174,8 +200,12 @@ impl Supervisor {
             .map_err(|e| ApiError::Internal(format!("cannot open the pool: {e}")))
     }
 
-    /// Releases the claims of VM processes that died without releasing them.
+    /// Releases the claims of VM processes that died without releasing them (a
+    /// shared pool's VMs hold their placement's allocation instead).
     fn gc(&self) {
+        if self.cfg.fleet.is_some() {
+            return;
+        }
         match self.ledger().map(|l| l.gc()) {
             Ok(Ok(released)) if !released.is_empty() => {
                 log::info!("released {} stale claim(s)", released.len())
@@ -249,6 +279,14 @@ impl Supervisor {
     /// `POST /v1/vms`: checks the request, records the VM, starts its process and
     /// returns once its vCPUs run (or why they never will).
     pub fn create(self: &Arc<Self>, spec: VmSpec) -> Result<Value, ApiError> {
+        if let Some(f) = &self.cfg.fleet {
+            return Err(in_fleet(f, "create"));
+        }
+        self.start_new(spec)
+    }
+
+    /// Creates and starts a VM: the API's create, and a shared pool's placement.
+    pub fn start_new(self: &Arc<Self>, spec: VmSpec) -> Result<Value, ApiError> {
         let resolved = spec
             .resolve(&self.cfg.images)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -422,10 +460,15 @@ impl Supervisor {
         cmd.arg("--serial-out").arg(dir.join("console.log"));
         cmd.arg("--json-out").arg(dir.join("outcome.json"));
         cmd.arg("--name").arg(&spec.name);
-        if let Some(g) = &spec.group {
-            cmd.arg("--group").arg(g);
+        if self.cfg.fleet.is_some() {
+            // Its resources are held by its placement's allocation in the pool.
+            cmd.arg("--no-ledger");
+        } else {
+            if let Some(g) = &spec.group {
+                cmd.arg("--group").arg(g);
+            }
+            cmd.arg("--pool").arg(&self.cfg.pool);
         }
-        cmd.arg("--pool").arg(&self.cfg.pool);
         cmd.arg("--ready-fd").arg("3");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -595,6 +638,14 @@ impl Supervisor {
     /// `DELETE /v1/vms/{name}`: stops the VM (waiting for its end) and forgets it,
     /// with its files; its claim is released.
     pub fn delete(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
+        if let Some(f) = &self.cfg.fleet {
+            return Err(in_fleet(f, "delete"));
+        }
+        self.remove(name)
+    }
+
+    /// Stops a VM, waits for its end, and forgets it with its files.
+    pub fn remove(self: &Arc<Self>, name: &str) -> Result<(), ApiError> {
         self.stop(name, true)?;
         if !self.wait_ended(name, Duration::from_secs(5)) {
             return Err(ApiError::Internal(format!(
@@ -606,6 +657,23 @@ impl Supervisor {
         std::fs::remove_dir_all(self.dir(name)).map_err(internal("remove the VM's files"))?;
         self.gc();
         Ok(())
+    }
+
+    /// A VM's state, exit status and failure reason, if the agent has it.
+    pub fn brief(&self, name: &str) -> Option<(State, Option<i32>, Option<String>)> {
+        let vms = self.lock();
+        let r = vms.get(name)?;
+        let o = r.outcome.as_ref();
+        let code = o
+            .and_then(|o| o.get("exit_code"))
+            .and_then(Value::as_i64)
+            .and_then(|c| i32::try_from(c).ok());
+        let reason = r.error.clone().or_else(|| {
+            o.and_then(|o| o.get("error").or_else(|| o.get("reason")))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
+        Some((r.state, code, reason))
     }
 
     /// `GET /v1/vms/{name}`.
@@ -671,10 +739,12 @@ impl Supervisor {
     /// `GET /v1/host`: this host in the ledger (capacity, used, VMs) and the
     /// agent's VMs by state.
     pub fn host(&self) -> Result<Value, ApiError> {
-        let (host, _) = self
-            .ledger()?
-            .init_local()
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let ledger = self.ledger()?;
+        let host = match &self.cfg.fleet {
+            Some(f) => ledger.store().host(&f.host),
+            None => ledger.init_local().map(|(h, _)| h),
+        }
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(json!({
             "host": host,
             "vms": self.counts(),
@@ -790,6 +860,15 @@ fn start_failure(outcome: Option<&Value>, dir: &Path) -> ApiError {
         Some("invalid") => ApiError::BadRequest(msg),
         _ => ApiError::Internal(msg),
     }
+}
+
+/// The API's answer to a create or delete on an agent that follows a shared pool.
+fn in_fleet(f: &Fleet, what: &str) -> ApiError {
+    ApiError::Conflict(format!(
+        "this agent runs host {} of a shared pool: {what} VMs with `minivmm vm {what} --pool URL`, \
+         which the scheduler places and this agent then starts",
+        f.host
+    ))
 }
 
 fn not_found(name: &str) -> ApiError {

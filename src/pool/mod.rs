@@ -134,6 +134,18 @@ pub enum PoolError {
         /// The group.
         group: String,
     },
+    /// A VM of this name is recorded in the pool already.
+    #[error("a VM named {0} is in the pool already")]
+    VmExists(String),
+    /// No VM of this name is recorded in the pool.
+    #[error("no VM named {0} in the pool")]
+    UnknownVm(String),
+    /// The operation needs a pool shared by many hosts.
+    #[error(
+        "{0} needs a PostgreSQL pool (--pool postgres://...); an SQLite pool serves one \
+         machine: create VMs there with `minivmm vm create` against its agent's socket"
+    )]
+    NeedsSharedPool(&'static str),
     /// Someone else changed the host between read and write; try again.
     #[error("host {0} was changed by someone else meanwhile; try again")]
     Conflict(String),
@@ -425,6 +437,7 @@ impl Ledger {
             group: group.map(str::to_string),
             amounts,
             owner,
+            vm_spec: None,
         };
         let mut choose = |_: Delta| Ok(vec![request.clone()]);
         let committed = store.claim(None, &mut choose, false)?;

@@ -34,6 +34,10 @@ pub struct ClaimRequest {
     pub amounts: Amounts,
     /// The holding process; None to hold until released explicitly.
     pub owner: Option<Owner>,
+    /// The VM's spec (JSON), recorded with the allocation in the same transaction
+    /// for the chosen host's agent to start (see [`super::postgres::fleet`]). Only
+    /// a shared (PostgreSQL) pool keeps VM records; SQLite refuses the request.
+    pub vm_spec: Option<String>,
 }
 
 /// The result of one claim transaction.

@@ -147,6 +147,9 @@ pub struct Request {
     pub group: Option<String>,
     /// How to rank hosts that pass the filters.
     pub weights: Weights,
+    /// The VM's spec (JSON) to record with the allocation for the host's agent to
+    /// start; a shared (PostgreSQL) pool only.
+    pub vm_spec: Option<String>,
 }
 
 impl Request {
@@ -158,6 +161,7 @@ impl Request {
             labels: Vec::new(),
             group: None,
             weights: Weights::SPREAD,
+            vm_spec: None,
         }
     }
 
@@ -277,6 +281,7 @@ impl Scheduler {
                         group: r.group.clone(),
                         amounts: r.amounts,
                         owner: None,
+                        vm_spec: r.vm_spec.clone(),
                     });
                 }
                 if let Some(t) = timings.as_mut() {

@@ -19,6 +19,7 @@
 //! a transaction cut short by it was rolled back by the server: a claim is made whole
 //! or not at all.
 
+pub mod fleet;
 mod read;
 mod schema;
 
@@ -373,6 +374,13 @@ impl Writer<'_, '_> {
     /// Records one allocation if it still fits; writes nothing when it does not.
     fn claim(&mut self, req: &ClaimRequest) -> Result<Allocation, PoolError> {
         let a = &req.amounts;
+        // Checked before any write: a failed statement would abort the transaction.
+        if req.vm_spec.is_some() {
+            let s = self.stmt("SELECT 1 FROM vms WHERE name = $1")?;
+            if self.tx.query_opt(&s, &[&req.vm_name])?.is_some() {
+                return Err(PoolError::VmExists(req.vm_name.clone()));
+            }
+        }
         let g = self.generation()?;
         // The common case in one statement, as in the SQLite store.
         let fast = if req.group.is_some() {
@@ -445,6 +453,9 @@ impl Writer<'_, '_> {
                 ],
             )?
             .get(0);
+        if let Some(spec) = &req.vm_spec {
+            fleet::record(self.tx, req, id, spec, created)?;
+        }
         Ok(Allocation {
             id,
             host: name,
@@ -472,7 +483,8 @@ impl Writer<'_, '_> {
         let mut out = Vec::with_capacity(reqs.len());
         let mut rest = reqs;
         while let Some(first) = rest.first() {
-            let plain = |r: &ClaimRequest| r.group.is_none() && r.owner.is_none();
+            let plain =
+                |r: &ClaimRequest| r.group.is_none() && r.owner.is_none() && r.vm_spec.is_none();
             if !plain(first) {
                 out.push(self.claim(first));
                 rest = &rest[1..];

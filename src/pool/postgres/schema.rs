@@ -47,6 +47,19 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX allocations_host ON allocations(host_id);
      CREATE INDEX allocations_group ON allocations(host_id, grp) WHERE grp IS NOT NULL;
      CREATE INDEX allocations_owner ON allocations(owner_id) WHERE owner_id IS NOT NULL;",
+    // v2: the pool's VMs (placed by any scheduler, started by their host's agent) and
+    // the agents' heartbeats. A VM row holds its allocation; `desired` is what its
+    // creator wants (running, deleted), `state` what its agent last reported.
+    "CREATE TABLE vms(
+        name TEXT PRIMARY KEY, host_id BIGINT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        allocation_id BIGINT REFERENCES allocations(id) ON DELETE SET NULL,
+        spec TEXT NOT NULL, desired TEXT NOT NULL, state TEXT NOT NULL, status INTEGER,
+        reason TEXT, created BIGINT NOT NULL, updated BIGINT NOT NULL);
+     CREATE INDEX vms_host ON vms(host_id);
+     CREATE TABLE agents(
+        host_id BIGINT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        heartbeat BIGINT NOT NULL, down BOOLEAN NOT NULL DEFAULT false, pid BIGINT NOT NULL,
+        machine TEXT NOT NULL);",
 ];
 
 /// Session settings for every pool connection: the pool's schema first on the

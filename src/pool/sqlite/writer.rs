@@ -249,6 +249,11 @@ impl<'c> Writer<'c> {
 
     /// Records one allocation if it still fits; writes nothing when it does not.
     pub(super) fn claim(&mut self, req: &ClaimRequest) -> Result<Allocation, PoolError> {
+        if req.vm_spec.is_some() {
+            return Err(PoolError::NeedsSharedPool(
+                "recording a VM for an agent to start",
+            ));
+        }
         let a = &req.amounts;
         let g = self.generation()?;
         // The common case in one statement: the row is updated only if the host is
