@@ -205,7 +205,9 @@ fn three_agents_run_what_the_pool_places() {
     if !kvm_or_skip("three_agents_run_what_the_pool_places") {
         return;
     }
-    let Some(pg) = Backend::postgres("three_agents_run_what_the_pool_places") else {
+    let Some(pg @ Backend::Postgres(server)) =
+        Backend::postgres("three_agents_run_what_the_pool_places")
+    else {
         return;
     };
     let s = Scratch::with("fleet", pg);
@@ -354,6 +356,16 @@ fn three_agents_run_what_the_pool_places() {
         vms.values()
             .all(|v| v["state"] == "running" && v["host_down"] == false)
     });
+
+    // PostgreSQL restarted under them: the agents connect again (their VMs run on
+    // meanwhile), and go on following the pool.
+    server.restart();
+    let after: Vec<usize> = agents.iter().map(|a| a.vm_processes().len()).collect();
+    assert_eq!(
+        after.iter().sum::<usize>(),
+        count,
+        "a VM died with the database"
+    );
 
     // Deleting every VM through the pool: each agent stops and forgets its own,
     // and the pool releases their allocations.

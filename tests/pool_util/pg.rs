@@ -15,8 +15,10 @@ pub struct Server {
     pub dir: PathBuf,
     /// The directory holding its Unix socket.
     pub socket_dir: PathBuf,
-    /// The postmaster's pid.
-    pub pid: u32,
+    /// The postmaster's pid (changes with [`Server::restart`]).
+    pub pid: std::sync::atomic::AtomicU32,
+    /// The binaries.
+    bin: PathBuf,
 }
 
 /// The PostgreSQL binaries directory of the newest installed version.
@@ -79,15 +81,7 @@ fn server_command(program: PathBuf) -> Command {
 /// atexit handlers.
 extern "C" fn stop_at_exit() {
     if let Some(Some(s)) = SERVER.get() {
-        // SAFETY: plain syscall on a pid we started.
-        unsafe { libc::kill(s.pid as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", s.pid)).exists() && Instant::now() < deadline {
-            // Reap it if it is our child; a zombie would keep /proc/PID.
-            // SAFETY: waitpid on our own child with WNOHANG.
-            unsafe { libc::waitpid(s.pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        s.stop();
         let _ = std::fs::remove_dir_all(&s.dir);
     }
 }
@@ -149,41 +143,73 @@ fn start(bin: &Path) -> Server {
         "initdb failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let log = std::fs::File::create(dir.join("server.log")).expect("server log");
-    #[allow(clippy::zombie_processes)]
-    let child = server_command(bin.join("postgres"))
-        .arg("-D")
-        .arg(&data)
-        .arg("-k")
-        .arg(&socket_dir)
-        .args(["-c", "listen_addresses=", "-c", "max_connections=300"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start postgres");
     let server = Server {
         dir,
         socket_dir,
-        pid: child.id(),
+        pid: AtomicU32::new(0),
+        bin: bin.to_path_buf(),
     };
-    // Reaped by stop_at_exit (waitpid): the Child is not kept across threads.
-    drop(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if postgres::Client::connect(&server.url("postgres"), postgres::NoTls).is_ok() {
-            return server;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "PostgreSQL did not start in 60 s; see {}",
-            server.dir.join("server.log").display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.launch();
+    server
 }
 
 impl Server {
+    /// Starts the postmaster on the data directory and waits until it answers.
+    fn launch(&self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("server log");
+        #[allow(clippy::zombie_processes)]
+        let child = server_command(self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-k")
+            .arg(&self.socket_dir)
+            .args(["-c", "listen_addresses=", "-c", "max_connections=300"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        // Reaped by stop() (waitpid): the Child is not kept across threads.
+        self.pid.store(child.id(), Ordering::SeqCst);
+        drop(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while postgres::Client::connect(&self.url("postgres"), postgres::NoTls).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not start in 60 s; see {}",
+                self.dir.join("server.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the postmaster ("fast" shutdown: open transactions are rolled back,
+    /// sessions ended) and waits for it to exit.
+    fn stop(&self) {
+        let pid = self.pid.load(Ordering::SeqCst) as i32;
+        // SAFETY: plain syscalls on a pid we started.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            // Reap it: a zombie would keep /proc/PID.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server and starts it again on the same data, as an operator's
+    /// restart (or a failover to the same address) would: every connection breaks.
+    /// The new postmaster lives as long as the calling thread (its parent-death
+    /// signal): for a test binary whose one test restarts the server.
+    pub fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
+
     /// The URL of database `db` on this server.
     pub fn url(&self, db: &str) -> String {
         format!(

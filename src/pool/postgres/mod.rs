@@ -110,15 +110,47 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// A read-only transaction on one snapshot.
-    fn read(&mut self) -> Result<Transaction<'_>, PoolError> {
+    /// Connects again after `e` if `e` says the connection broke: a server
+    /// restarted since the last operation is only noticed on the next statement.
+    /// Called when a transaction's first statement failed, before which nothing can
+    /// be half done, so the caller may then try again once.
+    fn reconnect_after(&mut self, e: postgres::Error) -> Result<(), PoolError> {
+        if !self.client.is_closed() && !e.is_closed() {
+            return Err(e.into());
+        }
+        log::warn!("pool {}: connection lost ({e}); reconnecting", self.shown);
+        self.prepared.clear();
+        self.client = connect(&self.config, &self.shown)?;
+        Ok(())
+    }
+
+    /// Runs `f` in a read-only transaction on one snapshot.
+    fn read<T>(
+        &mut self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, PoolError>,
+    ) -> Result<T, PoolError> {
         self.ensure_connected()?;
-        Ok(self
-            .client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()?)
+        let mut retried = false;
+        let mut tx = loop {
+            let e = match self
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+            {
+                Ok(tx) => break tx,
+                Err(e) => e,
+            };
+            if retried {
+                return Err(e.into());
+            }
+            retried = true;
+            self.reconnect_after(e)?;
+        };
+        let out = f(&mut tx)?;
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Runs `f` in a write transaction holding the pool's write lock, committing only
@@ -129,7 +161,18 @@ impl PostgresStore {
         f: impl FnOnce(&mut Writer<'_, '_>) -> Result<T, PoolError>,
     ) -> Result<T, PoolError> {
         self.ensure_connected()?;
-        let mut tx = self.client.transaction()?;
+        let mut retried = false;
+        let mut tx = loop {
+            let e = match self.client.transaction() {
+                Ok(tx) => break tx,
+                Err(e) => e,
+            };
+            if retried {
+                return Err(e.into());
+            }
+            retried = true;
+            self.reconnect_after(e)?;
+        };
         let before = u(&tx.query_one(schema::LOCK_GENERATION, &[])?, 0)?;
         let mut w = Writer {
             tx: &mut tx,
@@ -655,12 +698,11 @@ impl Store for PostgresStore {
     }
 
     fn host(&mut self, name: &str) -> Result<Host, PoolError> {
-        let mut tx = self.read()?;
-        let host = load_hosts(&mut tx, Which::Name(name))?
-            .pop()
-            .ok_or_else(|| PoolError::UnknownHost(name.to_string()))?;
-        tx.commit()?;
-        Ok(host)
+        self.read(|tx| {
+            load_hosts(tx, Which::Name(name))?
+                .pop()
+                .ok_or_else(|| PoolError::UnknownHost(name.to_string()))
+        })
     }
 
     fn update_host(
@@ -734,15 +776,11 @@ impl Store for PostgresStore {
     }
 
     fn hosts(&mut self) -> Result<Vec<Host>, PoolError> {
-        let mut tx = self.read()?;
-        let hosts = load_hosts(&mut tx, Which::All)?;
-        tx.commit()?;
-        Ok(hosts)
+        self.read(|tx| load_hosts(tx, Which::All))
     }
 
     fn allocations(&mut self) -> Result<Vec<Allocation>, PoolError> {
-        self.ensure_connected()?;
-        load_allocations(&mut self.client, None)
+        self.read(|tx| load_allocations(tx, None))
     }
 
     fn release(&mut self, id: i64) -> Result<Allocation, PoolError> {
@@ -776,7 +814,7 @@ impl Store for PostgresStore {
     }
 
     fn recount(&mut self) -> Result<BTreeMap<String, (Amounts, u64)>, PoolError> {
-        let mut tx = self.read()?;
+        self.read(|tx| {
         let rows = tx.query(
             "SELECT h.name, COALESCE(SUM(a.vcpus), 0)::BIGINT, COALESCE(SUM(a.memory_mib), 0)::BIGINT,
                     COALESCE(SUM(a.disk_gib), 0)::BIGINT, COUNT(a.id)
@@ -790,19 +828,19 @@ impl Store for PostgresStore {
                 (Amounts::new(u(&r, 1)?, u(&r, 2)?, u(&r, 3)?), u(&r, 4)?),
             );
         }
-        tx.commit()?;
         Ok(out)
+        })
     }
 
     fn changes(&mut self, seen: u64) -> Result<(u64, Delta), PoolError> {
-        let mut tx = self.read()?;
-        let current = u(
-            &tx.query_one("SELECT value FROM meta WHERE key = 'generation'", &[])?,
-            0,
-        )?;
-        let delta = delta_since(&mut tx, Some(seen), current)?;
-        tx.commit()?;
-        Ok((current, delta))
+        self.read(|tx| {
+            let current = u(
+                &tx.query_one("SELECT value FROM meta WHERE key = 'generation'", &[])?,
+                0,
+            )?;
+            let delta = delta_since(tx, Some(seen), current)?;
+            Ok((current, delta))
+        })
     }
 
     fn claim(
