@@ -192,9 +192,19 @@ impl PostgresStore {
 
 /// Opens a connection, with an error that names the pool and what to check.
 fn connect(config: &postgres::Config, shown: &str) -> Result<Client, PoolError> {
-    config.connect(NoTls).map_err(|e| PoolError::Open {
-        path: shown.into(),
-        source: Box::new(e),
+    config.connect(NoTls).map_err(|e| {
+        // "error connecting to server" alone names no cause: add the OS's or the
+        // server's ("No such file or directory", "password authentication failed").
+        let why = match std::error::Error::source(&e) {
+            Some(cause) => {
+                format!("{e}: {cause}; is PostgreSQL running there, and may this user connect?")
+            }
+            None => e.to_string(),
+        };
+        PoolError::Open {
+            path: shown.into(),
+            source: why.into(),
+        }
     })
 }
 
