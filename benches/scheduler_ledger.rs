@@ -26,6 +26,29 @@ fn claim_release(c: &mut Criterion) {
     g.bench_function("claim_local+drop", |b| {
         b.iter(|| drop(ledger.claim_local("vm", 1, 512, 0).expect("claim")))
     });
+    // What `minivmm run` does in all: open the pool, claim for this process, release
+    // at the end, close (the other connection above keeps the pool open, as other
+    // processes would).
+    // `run` relaxes durability (Ledger::relax_durability); "synchronous=FULL" is how
+    // it was before, for comparison.
+    let path = dir.join("pool.db");
+    for (name, relax) in [
+        ("run: open+claim_local+release+close", true),
+        (
+            "run, synchronous=FULL: open+claim_local+release+close",
+            false,
+        ),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let l = Ledger::open(Some(&path)).expect("open");
+                if relax {
+                    l.relax_durability().expect("relax");
+                }
+                drop(l.claim_local("vm", 1, 512, 0).expect("claim"));
+            })
+        });
+    }
     g.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -499,7 +499,25 @@ fn first_use_from_many_threads_registers_the_local_host_once(b: Backend) {
     assert!(ledger.store().allocations().expect("allocs").is_empty());
 }
 
+/// A connection that skips waiting for the disk (what `run` uses) still commits each
+/// claim and release before returning: another connection sees them at once. (A
+/// SIGKILLed `run` leaving its claim to `gc`: tests/admission.rs.)
+fn relaxed_claims_are_committed_at_once(b: Backend) {
+    let s = Scratch::with("relaxed", b);
+    let run = Ledger::open(Some(&s.pool())).expect("open");
+    run.relax_durability().expect("relax");
+    let other = Ledger::open(Some(&s.pool())).expect("open");
+    let claim = run.claim_local("vm", 1, 16, 0).expect("claim");
+    let seen = other.store().allocations().expect("allocations");
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].is_same_claim(claim.allocation()));
+    claim.release().expect("release");
+    assert!(other.store().allocations().expect("allocations").is_empty());
+    assert_consistent(&other);
+}
+
 crate::conformance!(
+    relaxed_claims_are_committed_at_once,
     concurrent_threads_never_exceed_usable,
     concurrent_processes_never_exceed_usable,
     bad_input_changes_nothing,

@@ -131,6 +131,8 @@ pub fn admit(a: &Admission<'_>) -> Result<Claim, LaunchError> {
         .map(str::to_string)
         .unwrap_or_else(|| default_name(a.kernel));
     let ledger = Ledger::open(a.pool).map_err(LaunchError::Ledger)?;
+    // This process's claim only: see the argument at Ledger::relax_durability.
+    ledger.relax_durability().map_err(LaunchError::Ledger)?;
     // An image that cannot be read is counted as 0 here and refused, with the
     // reason, when the VM is built.
     let disk_bytes: u64 = a

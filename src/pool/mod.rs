@@ -430,7 +430,7 @@ impl Ledger {
         }
         amounts.validate_request()?;
         let mut store = self.store();
-        let host_id = store.host(host)?.id;
+        let host_id = store.host_id(host)?;
         let request = ClaimRequest {
             host_id,
             vm_name: vm_name.to_string(),
@@ -471,10 +471,20 @@ impl Ledger {
         memory_mib: u64,
         disk_gib: u64,
     ) -> Result<Claim, PoolError> {
-        let (host, _) = self.init_local()?;
         let owner = owner::current()?;
+        // The common case, a host registered already, in one lookup; the first claim
+        // on a machine registers it.
+        let known = match self.store().host_id(&owner.host) {
+            Ok(_) => true,
+            Err(PoolError::UnknownHost(_)) => false,
+            Err(e) => return Err(e),
+        };
+        if !known {
+            self.init_local()?;
+        }
         let amounts = Amounts::new(vcpus.into(), memory_mib, disk_gib);
-        let a = self.claim_on_grouped(&host.spec.name, vm_name, group, amounts, Some(owner))?;
+        let host = owner.host.clone();
+        let a = self.claim_on_grouped(&host, vm_name, group, amounts, Some(owner))?;
         log::info!(
             "pool: claimed {} vcpus, {} MiB, {disk_gib} GiB disk on {} for {vm_name} (allocation {})",
             vcpus,
@@ -487,6 +497,34 @@ impl Ledger {
             allocation: a,
             released: false,
         })
+    }
+
+    /// Lets this connection's commits go without waiting for the disk (SQLite's
+    /// synchronous=NORMAL instead of FULL), for a process whose writes are its own
+    /// claims ([`Ledger::claim_local`], held by this process) and their release, as
+    /// `minivmm run` and `pool claim --hold`. Two fsyncs are most of the ledger's
+    /// share of a short VM's life, and they buy nothing here:
+    ///
+    /// - A crash of the process loses nothing: a commit is in the WAL, in the OS's
+    ///   page cache, before the call returns; the claim stays until found stale
+    ///   (tests/admission.rs kills `run` with SIGKILL and `gc` releases its claim).
+    /// - A power loss (or OS crash) may lose the last such commits, but it kills the
+    ///   process too, so the VM the claim was for is gone with it: a lost claim
+    ///   holds nothing that runs. A lost release leaves a claim whose owner has the
+    ///   previous boot's id: stale, released by the next claim or `gc`.
+    /// - Order is kept: WAL frames are written in commit order, so a later commit
+    ///   made durable (any FULL commit of another process, or a checkpoint) makes
+    ///   these durable too; nothing can come back without what came before it.
+    ///
+    /// Writes this connection makes on the way (registering this machine as a host
+    /// on first use, releasing other processes' stale claims) are idempotent: lost,
+    /// they are made again by the next claim.
+    ///
+    /// The SQLite store also skips the checkpoint when such a connection closes
+    /// (whichever commit finds the WAL over 100 pages checkpoints instead), unless it
+    /// found its -wal file deleted: then that checkpoint is what saves the pool.
+    pub fn relax_durability(&self) -> Result<(), PoolError> {
+        self.store().relax_durability()
     }
 
     /// Releases one allocation by id.

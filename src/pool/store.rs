@@ -69,6 +69,10 @@ pub trait Store: Send {
     fn add_hosts(&mut self, specs: &[HostSpec]) -> Result<(), PoolError>;
     /// One host by name.
     fn host(&mut self, name: &str) -> Result<Host, PoolError>;
+    /// The database id of a host, by name: all a claim needs, in one lookup.
+    fn host_id(&mut self, name: &str) -> Result<i64, PoolError> {
+        self.host(name).map(|h| h.id)
+    }
     /// Replaces a host's spec if its generation is still `generation` (compare-and-swap).
     fn update_host(
         &mut self,
@@ -115,5 +119,12 @@ pub trait Store: Send {
     /// shared database) does nothing.
     fn discard_if_unused(&mut self) -> Result<bool, PoolError> {
         Ok(false)
+    }
+    /// For a connection that only records claims owned by its own process (and
+    /// their release): lets its commits go without waiting for the disk. See
+    /// [`crate::pool::Ledger::relax_durability`] for why that loses nothing. The
+    /// default (a shared database, whose durability is the server's) does nothing.
+    fn relax_durability(&mut self) -> Result<(), PoolError> {
+        Ok(())
     }
 }

@@ -97,6 +97,10 @@ impl Store for SqliteStore {
         load_host_by_id(&self.conn, id)
     }
 
+    fn host_id(&mut self, name: &str) -> Result<i64, PoolError> {
+        Writer::new(&self.conn).host_id(name)
+    }
+
     fn update_host(
         &mut self,
         name: &str,
@@ -192,6 +196,11 @@ impl Store for SqliteStore {
             // the pool: release through it, and its checkpoint when the last
             // connection closes writes everything back into the pool file.
             Some(files::Damage::WalOnly) => {
+                // That checkpoint must happen even on a relaxed connection.
+                self.conn.set_db_config(
+                    rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                    false,
+                )?;
                 let allocation = self.write(|w| {
                     w.release_claimed(
                         claimed,
@@ -283,6 +292,23 @@ impl Store for SqliteStore {
         }
         drop(tx); // rolls back: nothing was written
         Ok(unused)
+    }
+
+    fn relax_durability(&mut self) -> Result<(), PoolError> {
+        // In WAL mode, NORMAL syncs the WAL at checkpoints only: a commit survives a
+        // crash of this process (it is in the OS's page cache) but not a power loss.
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // And no checkpoint when it closes: as the pool's last connection it would
+        // copy the WAL into the pool file, sync it and unlink the WAL, for the next
+        // process to create it again. The WAL is checkpointed by whichever commit
+        // finds it over 100 pages instead, so it stays small for the next opener's
+        // recovery to read.
+        self.conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 100)?;
+        Ok(())
     }
 
     fn recount(&mut self) -> Result<BTreeMap<String, (Amounts, u64)>, PoolError> {
