@@ -244,6 +244,16 @@ fn three_agents_run_what_the_pool_places() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("vm create --pool"));
 
+    // Bad input is refused before anything is placed.
+    let bad = Command::new(env!("CARGO_BIN_EXE_minivmm"))
+        .args([
+            "vm", "create", "../x", "--kernel", "irq.elf", "--pool", &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad VM name"));
+
     // 150 VMs through the pool: each lands where the scheduler placed it, and runs.
     let count: usize = std::env::var("MINIVMM_FLEET_VMS")
         .ok()
@@ -271,6 +281,19 @@ fn three_agents_run_what_the_pool_places() {
         placed.insert(name, v["host"].as_str().unwrap().to_string());
     }
     eprintln!("fleet: {count} VMs placed at {:?}", t0.elapsed());
+    // A name is the pool's, not a host's: a second VM of the same name is refused.
+    let again = Command::new(env!("CARGO_BIN_EXE_minivmm"))
+        .args([
+            "vm", "create", "vm000", "--kernel", "irq.elf", "--pool", &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("a VM named vm000 is in the pool already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     wait_pool(&url, "all running", Duration::from_secs(180), |vms| {
         vms.len() == count && vms.values().all(|v| v["state"] == "running")
     });

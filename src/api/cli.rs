@@ -480,6 +480,13 @@ fn pool_vm(url: &str, args: &VmArgs) -> i32 {
                     return status::USAGE;
                 }
             };
+            if !super::spec::valid_name(&spec.name) {
+                eprintln!(
+                    "minivmm vm create: {}",
+                    super::spec::SpecError::Name(spec.name.clone())
+                );
+                return status::USAGE;
+            }
             let memory_mib = match &spec.memory {
                 super::spec::Memory::Mib(m) => Ok(*m),
                 super::spec::Memory::Text(t) => {
