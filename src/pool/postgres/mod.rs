@@ -14,10 +14,12 @@
 //! (`synchronous_commit = on`, the default), and on a replicated server once the
 //! standbys the operator named have it.
 //!
-//! A connection that breaks (the server restarted) is opened again at the next
-//! operation; the operation that saw the break fails with [`PoolError::Database`], and
-//! a transaction cut short by it was rolled back by the server: a claim is made whole
-//! or not at all.
+//! A connection that broke since the last operation (the server restarted) is found
+//! at the next transaction's first statement and opened again, once, before anything
+//! was done. A break in the middle of a transaction fails that operation with
+//! [`PoolError::Database`], and the server rolls the transaction back: a claim is made
+//! whole or not at all. (A break after COMMIT was sent leaves the caller unsure: the
+//! claim may be in the pool, whole, without its caller knowing; it is never retried.)
 
 pub mod fleet;
 mod read;
