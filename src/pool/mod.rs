@@ -502,7 +502,7 @@ impl Ledger {
     /// Lets this connection's commits go without waiting for the disk (SQLite's
     /// synchronous=NORMAL instead of FULL), for a process whose writes are its own
     /// claims ([`Ledger::claim_local`], held by this process) and their release, as
-    /// `minivmm run` and `pool claim --hold`. Two fsyncs are most of the ledger's
+    /// `minivmm run`'s are. Two fsyncs are most of the ledger's
     /// share of a short VM's life, and they buy nothing here:
     ///
     /// - A crash of the process loses nothing: a commit is in the WAL, in the OS's
