@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pool_util::common::{KillOnDrop, kvm_or_skip, signal};
+use pool_util::common::{KillOnDrop, kvm_or_skip, run_processes_naming, signal};
 use pool_util::{Backend, Scratch};
 use serde_json::Value;
 
@@ -105,17 +105,7 @@ impl Agent {
 
     /// Pids of the `minivmm run` processes of this agent's VMs.
     fn vm_processes(&self) -> Vec<u32> {
-        let needle = self.dir.join("state").display().to_string();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                cmd.contains(" run ") && cmd.contains(&needle)
-            })
-            .collect()
+        run_processes_naming(&self.dir.join("state").display().to_string())
     }
 }
 

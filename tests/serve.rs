@@ -144,17 +144,7 @@ impl Agent {
 
     /// The `minivmm run` processes this agent's VMs run in.
     fn vm_processes(&self) -> Vec<u32> {
-        let needle = self.pool().display().to_string();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                cmd.contains(" run ") && cmd.contains(&needle)
-            })
-            .collect()
+        run_processes_naming(&self.pool().display().to_string())
     }
 
     /// Nothing left: no VM process, no claim, no VM directory.

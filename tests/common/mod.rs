@@ -327,3 +327,18 @@ pub fn quoted(text: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Pids of the `minivmm run` processes whose command line names `needle` (a pool, a
+/// state directory): an agent's VM processes, found in /proc.
+pub fn run_processes_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(" run ") && cmd.contains(needle)
+        })
+        .collect()
+}

@@ -126,21 +126,30 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Runs `f` in a read-only transaction on one snapshot.
-    fn read<T>(
+    /// Runs `f` in a transaction (read-only on one snapshot, or read-write), then
+    /// commits it, or rolls it back unless `commit`. A connection found broken at
+    /// BEGIN is opened again once: before BEGIN nothing can be half done.
+    fn transact<T>(
         &mut self,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, PoolError>,
+        read_only: bool,
+        commit: bool,
+        f: impl FnOnce(
+            &mut Transaction<'_>,
+            &mut HashMap<&'static str, Statement>,
+        ) -> Result<T, PoolError>,
     ) -> Result<T, PoolError> {
         self.ensure_connected()?;
         let mut retried = false;
         let mut tx = loop {
-            let e = match self
-                .client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-            {
+            let e = match if read_only {
+                self.client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+            } else {
+                self.client.transaction()
+            } {
                 Ok(tx) => break tx,
                 Err(e) => e,
             };
@@ -150,9 +159,21 @@ impl PostgresStore {
             retried = true;
             self.reconnect_after(e)?;
         };
-        let out = f(&mut tx)?;
-        tx.commit()?;
+        let out = f(&mut tx, &mut self.prepared)?;
+        if commit {
+            tx.commit()?;
+        } else {
+            tx.rollback()?;
+        }
         Ok(out)
+    }
+
+    /// Runs `f` in a read-only transaction on one snapshot.
+    fn read<T>(
+        &mut self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, PoolError>,
+    ) -> Result<T, PoolError> {
+        self.transact(true, true, |tx, _| f(tx))
     }
 
     /// Runs `f` in a write transaction holding the pool's write lock, committing only
@@ -162,33 +183,15 @@ impl PostgresStore {
         commit: bool,
         f: impl FnOnce(&mut Writer<'_, '_>) -> Result<T, PoolError>,
     ) -> Result<T, PoolError> {
-        self.ensure_connected()?;
-        let mut retried = false;
-        let mut tx = loop {
-            let e = match self.client.transaction() {
-                Ok(tx) => break tx,
-                Err(e) => e,
-            };
-            if retried {
-                return Err(e.into());
-            }
-            retried = true;
-            self.reconnect_after(e)?;
-        };
-        let before = u(&tx.query_one(schema::LOCK_GENERATION, &[])?, 0)?;
-        let mut w = Writer {
-            tx: &mut tx,
-            prepared: &mut self.prepared,
-            before,
-            generation: None,
-        };
-        let out = f(&mut w)?;
-        if commit {
-            tx.commit()?;
-        } else {
-            tx.rollback()?;
-        }
-        Ok(out)
+        self.transact(false, commit, |tx, prepared| {
+            let before = u(&tx.query_one(schema::LOCK_GENERATION, &[])?, 0)?;
+            f(&mut Writer {
+                tx,
+                prepared,
+                before,
+                generation: None,
+            })
+        })
     }
 }
 
