@@ -217,6 +217,16 @@ struct RunArgs {
     /// never use it (Linux needs it).
     #[arg(long)]
     no_pit: bool,
+    /// Where the interrupt controllers and the PIT live: `kernel` (KVM's PICs, IOAPIC,
+    /// LAPICs and PIT) or `split` (LAPICs in KVM; the IOAPIC and the PIT in minivmm,
+    /// no 8259 PICs: faster to create and to tear down).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "kernel",
+        env = "MINIVMM_IRQCHIP"
+    )]
+    irqchip: minivmm::vmm::IrqChip,
     /// A raw disk image as a virtio-blk disk (repeatable; the guest sees them as
     /// /dev/vda, /dev/vdb, ... in this order). `,ro` makes it read-only. The image is
     /// locked while the VM runs, and its size is claimed in the ledger as disk.
@@ -389,6 +399,7 @@ fn run(args: RunArgs, started: Instant) -> i32 {
         serial_in,
         trace_exits: args.trace_exits,
         pit: !args.no_pit,
+        irqchip: args.irqchip,
         disks: args.disk.clone(),
         shares: args.share.clone(),
         rng: args.rng,

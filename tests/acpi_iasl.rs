@@ -33,7 +33,7 @@ fn iasl_disassembles_every_table_without_errors() {
     let all: Vec<MmioSlot> = (0..).map_while(MmioSlot::nth).collect();
     for (vcpus, devices) in [(1, &all[..0]), (4, &all[..]), (254, &all[..2])] {
         let dir = scratch(&format!("acpi-iasl-{vcpus}"));
-        let tables = minivmm::vmm::boot::acpi::build(vcpus, devices).unwrap();
+        let tables = minivmm::vmm::boot::acpi::build(vcpus, devices, true).unwrap();
         // iasl has no disassembler for the RSDP (not a table with a header); the unit
         // tests in boot/acpi.rs check its checksums and pointer.
         for t in tables.iter().filter(|t| t.name != "RSDP") {

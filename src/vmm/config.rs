@@ -140,6 +140,9 @@ pub struct VmConfig {
     /// `delete_memory_slots` in vmm/mod.rs): a VM that lives a few ms ends ~8 ms sooner
     /// here. Without it, ports 0x40-0x43 behave like any unclaimed port.
     pub pit: bool,
+    /// Where the IOAPIC, the PICs and the PIT are: in KVM, or (split) the IOAPIC and
+    /// PIT in minivmm with only the LAPICs in KVM.
+    pub irqchip: IrqChip,
     /// Raw disk images, each a virtio-blk device, in this order.
     pub disks: Vec<DiskSpec>,
     /// Host directories shared with the guest, each a virtio-fs device.
@@ -244,6 +247,41 @@ impl std::str::FromStr for DiskSpec {
     }
 }
 
+/// Where a VM's interrupt controllers and timer live (`--irqchip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqChip {
+    /// KVM_CREATE_IRQCHIP: the two 8259 PICs, the IOAPIC and the LAPICs in the host
+    /// kernel, and with the PIT, KVM_CREATE_PIT2.
+    #[default]
+    Kernel,
+    /// KVM_CAP_SPLIT_IRQCHIP: the LAPICs in the host kernel; the IOAPIC
+    /// (`devices::ioapic`) and the PIT (`devices::pit`) in minivmm, no 8259s. Cheaper
+    /// to create and to tear down: the host kernel has less to build and to wait for.
+    Split,
+}
+
+impl IrqChip {
+    /// The flag's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            IrqChip::Kernel => "kernel",
+            IrqChip::Split => "split",
+        }
+    }
+}
+
+impl std::str::FromStr for IrqChip {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(IrqChip::Kernel),
+            "split" => Ok(IrqChip::Split),
+            _ => Err(format!("unknown irqchip '{s}': use kernel or split")),
+        }
+    }
+}
+
 impl VmConfig {
     /// A configuration with minivmm's defaults: 1 vCPU, 128 MiB, the default
     /// command line, console discarded, no timeout.
@@ -259,6 +297,7 @@ impl VmConfig {
             serial_in: SerialIn::None,
             trace_exits: false,
             pit: true,
+            irqchip: IrqChip::default(),
             disks: Vec::new(),
             shares: Vec::new(),
             rng: false,

@@ -33,7 +33,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use boot::{BootInfo, KernelFormat};
-pub use config::{SerialIn, SerialOut, VmConfig};
+pub use config::{IrqChip, SerialIn, SerialOut, VmConfig};
 pub use vcpu::{ExitKind, ExitStats, GuestFailure};
 
 use devices::mmio::MmioSlot;
@@ -266,7 +266,9 @@ impl StopHandle {
 pub struct Vm {
     // Field order is drop order: vCPU fds go before the VM fd.
     vcpus: Vec<VcpuFd>,
-    vm: VmFd,
+    /// Shared with a split irqchip's IOAPIC, which sets GSI routes through it until
+    /// `finish` detaches it.
+    vm: Arc<VmFd>,
     shared: Arc<VcpuShared>,
     build_time: Duration,
     boot: BootInfo,
@@ -274,8 +276,8 @@ pub struct Vm {
     memory_mib: u64,
     timeout: Option<Duration>,
     serial_in: SerialIn,
-    /// Whether the VM has the in-kernel PIT (decides how it is torn down).
-    pit: bool,
+    /// Whether the VM has KVM's PIT (decides how it is torn down).
+    kernel_pit: bool,
     /// The virtio devices, served by a worker thread while the VM runs.
     virtio: Vec<Arc<virtio::VirtioMmio>>,
     /// The seccomp filters each thread installs as it starts.
@@ -323,9 +325,9 @@ impl Vm {
                 max,
             });
         }
-        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
         register_memory(&vm, &mem)?;
-        create_interrupt_controllers(&vm, config.pit)?;
+        create_interrupt_controllers(&vm, config.irqchip, config.pit)?;
 
         let os = |what| move |source| VmError::Os { what, source };
         let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
@@ -340,7 +342,29 @@ impl Vm {
         let sci = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
         vm.register_irqfd(&sci, u32::from(boot::acpi::SCI_IRQ))
             .map_err(ioctl("KVM_IRQFD"))?;
-        let (mmio, virtio) = virtio_devices(&vm, backends, &slots, &mem)?;
+        let (mut mmio, virtio) = virtio_devices(&vm, backends, &slots, &mem)?;
+        let (ioapic, pit) = match config.irqchip {
+            IrqChip::Kernel => (None, None),
+            IrqChip::Split => {
+                let router = Box::new(KvmRouter(std::sync::Mutex::new(Some(vm.clone()))));
+                // Its ID follows the CPUs', as the MP table and MADT say.
+                let ioapic = Arc::new(devices::ioapic::Ioapic::new(config.vcpus as u8, router));
+                mmio.insert_range(
+                    devices::ioapic::IOAPIC_BASE,
+                    devices::ioapic::IOAPIC_SIZE,
+                    ioapic.clone(),
+                );
+                let pit = if config.pit {
+                    // ISA IRQ 0 is IOAPIC pin (and GSI) 0 in the MP table and MADT.
+                    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
+                    vm.register_irqfd(&irq, 0).map_err(ioctl("KVM_IRQFD"))?;
+                    Some(devices::pit::Pit::new(irq))
+                } else {
+                    None
+                };
+                (Some(ioapic), pit)
+            }
+        };
         let console = serial_console(config.serial_out, &filters)?;
         let devices = Arc::new(Devices {
             serial: std::sync::Mutex::new(devices::serial::new_com1(com1_irq, console)),
@@ -348,6 +372,8 @@ impl Vm {
             cmos: Default::default(),
             acpi_pm: devices::acpi_pm::AcpiPm::new(sci),
             mmio,
+            ioapic,
+            pit,
         });
 
         let t_vm = t0.elapsed();
@@ -382,7 +408,7 @@ impl Vm {
             memory_mib: config.memory_mib,
             timeout: config.timeout,
             serial_in: config.serial_in,
-            pit: config.pit,
+            kernel_pit: config.pit && config.irqchip == IrqChip::Kernel,
             virtio,
             filters,
             seccomp_mode: config.seccomp,
@@ -433,6 +459,7 @@ impl Vm {
         let mut handle = VmHandle {
             threads: Vec::new(),
             worker: None,
+            pit_timer: None,
             pump: None,
             start,
             vm: None,
@@ -458,6 +485,17 @@ impl Vm {
                     source,
                 })?;
             handle.worker = Some(w);
+        }
+        if let Some(pit) = &self.shared.devices.pit {
+            let t = devices::pit::PitTimer::start(pit, self.filters.clone()).map_err(|e| {
+                VmError::Os {
+                    what: "start the PIT timer thread",
+                    source: match e {
+                        devices::pit::PitError::Thread(io) => io,
+                    },
+                }
+            })?;
+            handle.pit_timer = Some(t);
         }
         for (id, fd) in self.vcpus.drain(..).enumerate() {
             let filters = self.filters.clone();
@@ -508,6 +546,8 @@ pub enum VmState {
 pub struct VmHandle {
     threads: Vec<JoinHandle<(VcpuEnd, ExitStats)>>,
     worker: Option<virtio::worker::Worker>,
+    /// The userspace PIT's timer thread (split irqchip).
+    pit_timer: Option<devices::pit::PitTimer>,
     pump: Option<(console::StdinPump, Option<console::RawTerminal>)>,
     start: Instant,
     /// The VM itself; taken by `finish`.
@@ -580,12 +620,16 @@ impl VmHandle {
         }
         let run_time = self.start.elapsed();
         self.worker = None; // stops and joins the device thread: no more guest memory access
+        self.pit_timer = None;
         self.pump = None; // joins the stdin thread, then restores the terminal
         // Close the VM now (the vCPU fds went with their threads) to time the
         // kernel's teardown; guest memory is unmapped later, with `shared`.
         let t_teardown = Instant::now();
-        if !vm.pit {
+        if !vm.kernel_pit {
             delete_memory_slots(&vm.vm, &vm.shared.mem);
+        }
+        if let Some(io) = &vm.shared.devices.ioapic {
+            io.detach(); // its reference to the VM fd, so that the close below is the last
         }
         let Vm {
             vm: vm_fd,
@@ -794,13 +838,26 @@ fn memory_slots(mem: &GuestMemoryMmap) -> impl Iterator<Item = kvm_userspace_mem
         })
 }
 
-/// The PC's interrupt controllers and timer, inside KVM: the TSS page VT-x needs for
-/// real mode (KVM_SET_TSS_ADDR), the 8259 PICs, IOAPIC and per-vCPU LAPICs
-/// (KVM_CREATE_IRQCHIP), and, if asked for, the 8254 PIT (KVM_CREATE_PIT2) whose
-/// speaker port we leave to KVM's dummy.
-fn create_interrupt_controllers(vm: &VmFd, pit: bool) -> Result<(), VmError> {
+/// The PC's interrupt controllers and timer inside KVM, after the TSS page VT-x
+/// needs for real mode (KVM_SET_TSS_ADDR). With [`IrqChip::Kernel`]: the 8259 PICs,
+/// IOAPIC and per-vCPU LAPICs (KVM_CREATE_IRQCHIP), and, if asked for, the 8254 PIT
+/// (KVM_CREATE_PIT2) whose speaker port we leave to KVM's dummy. With
+/// [`IrqChip::Split`]: only the LAPICs (KVM_ENABLE_CAP of KVM_CAP_SPLIT_IRQCHIP, which
+/// reserves the first GSIs for the userspace IOAPIC's routes); the rest is built by
+/// [`Vm::new`] as devices of ours.
+fn create_interrupt_controllers(vm: &VmFd, irqchip: IrqChip, pit: bool) -> Result<(), VmError> {
     vm.set_tss_address(TSS_ADDR)
         .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    if irqchip == IrqChip::Split {
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = devices::ioapic::PINS as u64;
+        return vm
+            .enable_cap(&cap)
+            .map_err(ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"));
+    }
     vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
     if !pit {
         return Ok(());
@@ -810,6 +867,44 @@ fn create_interrupt_controllers(vm: &VmFd, pit: bool) -> Result<(), VmError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))
+}
+
+/// The split irqchip's IOAPIC routes, handed to KVM (KVM_SET_GSI_ROUTING): every
+/// route is an MSI route, as KVM requires without its own IOAPIC.
+struct KvmRouter(std::sync::Mutex<Option<Arc<VmFd>>>);
+
+impl devices::ioapic::MsiRouter for KvmRouter {
+    fn set_routes(&self, routes: &[devices::ioapic::MsiRoute]) -> Result<(), String> {
+        let entries: Vec<kvm_bindings::kvm_irq_routing_entry> = routes
+            .iter()
+            .map(|r| {
+                let mut e = kvm_bindings::kvm_irq_routing_entry {
+                    gsi: r.gsi,
+                    type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
+                };
+                e.u.msi = kvm_bindings::kvm_irq_routing_msi {
+                    address_lo: r.address,
+                    address_hi: 0,
+                    data: r.data,
+                    ..Default::default()
+                };
+                e
+            })
+            .collect();
+        let table = kvm_bindings::KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| format!("GSI routing table: {e:?}"))?;
+        match &*lock(&self.0) {
+            Some(vm) => vm
+                .set_gsi_routing(&table)
+                .map_err(|e| format!("KVM_SET_GSI_ROUTING: {e}")),
+            None => Err("the VM is closed".into()),
+        }
+    }
+
+    fn detach(&self) {
+        lock(&self.0).take();
+    }
 }
 
 /// KVM_GET_SUPPORTED_CPUID, asked once per process: the answer depends only on the

@@ -99,6 +99,8 @@ pub enum ThreadKind {
     /// The `minivmm` process's main thread once its VM is built: it waits for the
     /// end, tears the VM down, releases the ledger's claim (SQLite) and reports.
     Main = 6,
+    /// The userspace PIT's timer (`--irqchip split`): sleeps, then writes its irqfd.
+    Timer = 7,
 }
 
 impl ThreadKind {
@@ -110,17 +112,19 @@ impl ThreadKind {
             ThreadKind::Stdin => "stdin",
             ThreadKind::Signals => "signal",
             ThreadKind::Main => "main",
+            ThreadKind::Timer => "timer",
         }
     }
 
     /// Every kind, for tests and reports.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vcpu,
         ThreadKind::Virtio,
         ThreadKind::ConsoleOut,
         ThreadKind::Stdin,
         ThreadKind::Signals,
         ThreadKind::Main,
+        ThreadKind::Timer,
     ];
 }
 
@@ -263,7 +267,8 @@ const KVMIO: u64 = 0xae;
 
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let extra: &[i64] = match kind {
-        ThreadKind::Vcpu => &[],
+        // The timer needs only the common list: a condition variable and a write.
+        ThreadKind::Vcpu | ThreadKind::Timer => &[],
         ThreadKind::Virtio => VIRTIO,
         ThreadKind::ConsoleOut => CONSOLE_OUT,
         ThreadKind::Stdin => STDIN,
@@ -331,6 +336,7 @@ pub struct Filters {
     virtio: Option<std::sync::Arc<BpfProgram>>,
     console_out: Option<std::sync::Arc<BpfProgram>>,
     stdin: Option<std::sync::Arc<BpfProgram>>,
+    timer: Option<std::sync::Arc<BpfProgram>>,
 }
 
 impl Filters {
@@ -351,6 +357,7 @@ impl Filters {
             virtio: arc(ThreadKind::Virtio)?,
             console_out: arc(ThreadKind::ConsoleOut)?,
             stdin: arc(ThreadKind::Stdin)?,
+            timer: arc(ThreadKind::Timer)?,
         };
         // Once per process: a VM's build time matters for tiny guests.
         static PROBED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -372,6 +379,7 @@ impl Filters {
             ThreadKind::Virtio => &self.virtio,
             ThreadKind::ConsoleOut => &self.console_out,
             ThreadKind::Stdin => &self.stdin,
+            ThreadKind::Timer => &self.timer,
             // The process's own threads build theirs with `filter`.
             ThreadKind::Signals | ThreadKind::Main => {
                 return apply(kind, filter(kind, self.mode)?.as_ref());

@@ -573,6 +573,13 @@ fn handle_exit(exit: VcpuExit<'_>, id: u32, shared: &VcpuShared) -> Step {
         },
         // With the in-kernel LAPIC, HLT is handled inside KVM; an exit here is harmless.
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Step::Continue(ExitKind::Other),
+        // Split irqchip: a LAPIC's EOI of a level-triggered vector routed from our IOAPIC.
+        VcpuExit::IoapicEoi(vector) => {
+            if let Some(io) = &shared.devices.ioapic {
+                io.end_of_interrupt(vector);
+            }
+            Step::Continue(ExitKind::Other)
+        }
         VcpuExit::InternalError => Step::Internal,
         VcpuExit::FailEntry(reason, _) => Step::FailEntry(reason),
         other => Step::Unexpected(format!("unexpected VM exit {other:?}")),

@@ -132,10 +132,10 @@ impl Placer {
 /// Builds every table for a VM with `vcpus` vCPUs, RSDP first, each with the
 /// address it is meant for, describing the virtio-mmio `devices` too. [`write()`]
 /// puts them in guest memory; tests dump them.
-pub fn build(vcpus: u32, devices: &[MmioSlot]) -> Result<Vec<Table>, AcpiError> {
+pub fn build(vcpus: u32, devices: &[MmioSlot], pic: bool) -> Result<Vec<Table>, AcpiError> {
     let dsdt = dsdt(devices);
     let facs = to_bytes(&FACS::new());
-    let madt = madt(vcpus);
+    let madt = madt(vcpus, pic);
 
     let mut at = Placer {
         next: RSDP_ADDR,
@@ -163,8 +163,13 @@ pub fn build(vcpus: u32, devices: &[MmioSlot]) -> Result<Vec<Table>, AcpiError> 
 }
 
 /// Writes the tables into guest memory; the RSDP lands at [`RSDP_ADDR`].
-pub fn write(mem: &GuestMemoryMmap, vcpus: u32, devices: &[MmioSlot]) -> Result<(), AcpiError> {
-    for t in build(vcpus, devices)? {
+pub fn write(
+    mem: &GuestMemoryMmap,
+    vcpus: u32,
+    devices: &[MmioSlot],
+    pic: bool,
+) -> Result<(), AcpiError> {
+    for t in build(vcpus, devices, pic)? {
         mem.write_slice(&t.bytes, GuestAddress(t.addr))
             .map_err(|_| AcpiError::Write)?;
     }
@@ -276,7 +281,9 @@ impl Aml for AmlBytes {
 /// override (5.2.12.5), and what the MP table says. A QEMU-style IRQ 0 → GSI 2
 /// override would be wrong here. The one override is for the SCI, level triggered
 /// and active high as KVM's IOAPIC sees it.
-fn madt(vcpus: u32) -> Vec<u8> {
+///
+/// PCAT_COMPAT only with `pic`: a split irqchip has no 8259s.
+fn madt(vcpus: u32, pic: bool) -> Vec<u8> {
     let mut madt = Sdt::new(
         *b"APIC",
         44,
@@ -286,7 +293,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
         OEM_REVISION,
     );
     madt.write_u32(36, APIC_ADDR);
-    madt.write_u32(40, MADT_PCAT_COMPAT);
+    madt.write_u32(40, if pic { MADT_PCAT_COMPAT } else { 0 });
     for cpu in 0..vcpus {
         let mut e = vec![MADT_LOCAL_APIC, 8, cpu as u8, cpu as u8];
         e.extend_from_slice(&LAPIC_ENABLED.to_le_bytes());
@@ -326,7 +333,7 @@ mod tests {
     #[test]
     fn every_checksum_is_right_and_lengths_match() {
         for vcpus in [1, 2, 4, 8, 254] {
-            let tables = build(vcpus, &[]).unwrap();
+            let tables = build(vcpus, &[], true).unwrap();
             for t in &tables {
                 match t.name {
                     "RSDP" => {
@@ -348,7 +355,7 @@ mod tests {
 
     #[test]
     fn pointers_link_the_tables() {
-        let tables = build(4, &[]).unwrap();
+        let tables = build(4, &[], true).unwrap();
         let rsdp = find(&tables, "RSDP");
         assert_eq!(rsdp.addr, RSDP_ADDR);
         assert_eq!(rsdp.addr % 16, 0);
@@ -398,7 +405,7 @@ mod tests {
     #[test]
     fn madt_has_a_local_apic_per_vcpu() {
         for vcpus in [1u32, 2, 4, 8] {
-            let tables = build(vcpus, &[]).unwrap();
+            let tables = build(vcpus, &[], true).unwrap();
             let madt = &find(&tables, "APIC").bytes;
             assert_eq!(u32_at(madt, 36), APIC_ADDR);
             let mut off = 44;
@@ -448,7 +455,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         // With two virtio devices, so that their AML is checked too.
         let devices = [MmioSlot::nth(0).unwrap(), MmioSlot::nth(1).unwrap()];
-        let tables = build(2, &devices).unwrap();
+        let tables = build(2, &devices, true).unwrap();
         let mut files = Vec::new();
         for name in ["FACP", "FACS", "DSDT", "APIC"] {
             let file = dir.join(format!("{}.dat", name.to_lowercase()));
@@ -491,10 +498,10 @@ mod tests {
     #[test]
     fn tables_are_written_to_guest_memory() {
         let mem = crate::vmm::memory::create_guest_memory(32).unwrap();
-        write(&mem, 2, &[]).unwrap();
+        write(&mem, 2, &[], true).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(RSDP_ADDR)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
-        assert!(build(254, &[]).is_ok());
+        assert!(build(254, &[], true).is_ok());
     }
 }

@@ -250,8 +250,9 @@ pub fn load(
 
     x86::write_gdt(mem)?;
     x86::write_page_tables(mem)?;
-    mptable::write(mem, config.vcpus)?;
-    acpi::write(mem, config.vcpus, devices)?;
+    let pic = config.irqchip == crate::vmm::config::IrqChip::Kernel;
+    mptable::write(mem, config.vcpus, pic)?;
+    acpi::write(mem, config.vcpus, devices, pic)?;
     let info = BootInfo {
         format,
         entry,

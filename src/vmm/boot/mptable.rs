@@ -53,8 +53,9 @@ fn checksum(bytes: &[u8]) -> u8 {
 /// Builds the configuration table's entries: one processor per vCPU (APIC ID = vCPU
 /// index), the ISA bus, the IOAPIC (its ID follows the CPUs'), ISA IRQs 0-15
 /// identity-mapped to IOAPIC pins (as KVM's default GSI routing wires them), and the
-/// local APIC's LINT0 (ExtINT from the PIC) and LINT1 (NMI).
-fn entries(vcpus: u32) -> (Vec<u8>, u16) {
+/// local APIC's LINT0 (ExtINT from the PIC, when `pic`: a split irqchip has none) and
+/// LINT1 (NMI).
+fn entries(vcpus: u32, pic: bool) -> (Vec<u8>, u16) {
     let ioapic_id = vcpus as u8;
     let mut t = Vec::new();
     let mut count = 0u16;
@@ -87,7 +88,12 @@ fn entries(vcpus: u32) -> (Vec<u8>, u16) {
         ]);
         count += 1;
     }
-    for (lint, kind) in [(0u8, INT_TYPE_EXTINT), (1, INT_TYPE_NMI)] {
+    let lints: &[(u8, u8)] = if pic {
+        &[(0, INT_TYPE_EXTINT), (1, INT_TYPE_NMI)]
+    } else {
+        &[(1, INT_TYPE_NMI)]
+    };
+    for &(lint, kind) in lints {
         // Destination 0xff: every local APIC.
         t.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, kind, 0, 0, 0, 0, 0xff, lint]);
         count += 1;
@@ -96,10 +102,11 @@ fn entries(vcpus: u32) -> (Vec<u8>, u16) {
 }
 
 /// Writes the MP floating pointer and configuration table at [`layout::MPTABLE`].
-pub fn write(mem: &GuestMemoryMmap, vcpus: u32) -> Result<(), MpTableError> {
+/// `pic`: whether the VM has the 8259 pair (KVM's full irqchip) behind LINT0.
+pub fn write(mem: &GuestMemoryMmap, vcpus: u32, pic: bool) -> Result<(), MpTableError> {
     let base = layout::MPTABLE;
     let table_addr = base + 16;
-    let (body, count) = entries(vcpus);
+    let (body, count) = entries(vcpus, pic);
     let table_len = 44 + body.len();
     if 16 + table_len > (layout::HIMEM - base) as usize {
         return Err(MpTableError::TooBig(vcpus));
@@ -177,7 +184,7 @@ mod tests {
     fn checksums_and_cpu_count() {
         for vcpus in [1, 2, 4, 64, 254] {
             let mem = create_guest_memory(32).unwrap();
-            write(&mem, vcpus).unwrap();
+            write(&mem, vcpus, true).unwrap();
             let cpus = read_back(&mem, vcpus);
             assert_eq!(cpus.len(), vcpus as usize, "processor entries");
             for (i, (apic_id, flags)) in cpus.into_iter().enumerate() {
@@ -191,8 +198,11 @@ mod tests {
     #[test]
     fn max_vcpus_fit() {
         let mem = create_guest_memory(32).unwrap();
-        assert!(write(&mem, 254).is_ok());
+        assert!(write(&mem, 254, true).is_ok());
         assert_eq!(read_back(&mem, 254).len(), 254);
-        assert!(matches!(write(&mem, 4000), Err(MpTableError::TooBig(4000))));
+        assert!(matches!(
+            write(&mem, 4000, true),
+            Err(MpTableError::TooBig(4000))
+        ));
     }
 }

@@ -70,21 +70,28 @@ impl MmioSlot {
 /// no lock; each device locks its own state.
 #[derive(Default)]
 pub struct MmioBus {
-    devices: Vec<(MmioSlot, Arc<dyn MmioDevice>)>,
+    /// Base, length and device.
+    devices: Vec<(u64, u64, Arc<dyn MmioDevice>)>,
 }
 
 impl MmioBus {
     /// Adds `device` at `slot`.
     pub fn insert(&mut self, slot: MmioSlot, device: Arc<dyn MmioDevice>) {
-        self.devices.push((slot, device));
+        self.insert_range(slot.base, slot.size, device);
+    }
+
+    /// Adds `device` at `size` bytes from `base`: for devices at fixed PC addresses,
+    /// such as the IOAPIC.
+    pub fn insert_range(&mut self, base: u64, size: u64, device: Arc<dyn MmioDevice>) {
+        self.devices.push((base, size, device));
     }
 
     /// The device owning `addr` and the offset into its range.
     fn find(&self, addr: u64) -> Option<(&dyn MmioDevice, u64)> {
         self.devices
             .iter()
-            .find(|(s, _)| addr >= s.base && addr - s.base < s.size)
-            .map(|(s, d)| (d.as_ref(), addr - s.base))
+            .find(|(base, size, _)| addr >= *base && addr - base < *size)
+            .map(|(base, _, d)| (d.as_ref(), addr - base))
     }
 
     /// Handles a guest read of `addr`; unclaimed addresses read as all ones, as an

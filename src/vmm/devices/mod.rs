@@ -1,7 +1,10 @@
 //! Port-I/O devices and the bus that routes a vCPU's IN/OUT exits to them.
 //!
-//! The interrupt controllers (PIC, IOAPIC, LAPIC) and the PIT live inside KVM
-//! (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2) and never reach us. What does reach us:
+//! With `--irqchip kernel` the interrupt controllers (PIC, IOAPIC, LAPIC) and the PIT
+//! live inside KVM (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2) and never reach us; with
+//! `--irqchip split` only the LAPICs do, and the IOAPIC ([`ioapic`], MMIO at
+//! 0xfec00000) and the PIT ([`pit`], ports 0x40-0x43 and 0x61) are ours. What else
+//! reaches us:
 //!
 //! | ports       | device                                        |
 //! |-------------|-----------------------------------------------|
@@ -18,7 +21,9 @@ pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
+pub mod ioapic;
 pub mod mmio;
+pub mod pit;
 pub mod serial;
 
 use std::sync::Mutex;
@@ -53,6 +58,11 @@ pub struct Devices {
     pub acpi_pm: acpi_pm::AcpiPm,
     /// The memory-mapped devices.
     pub mmio: mmio::MmioBus,
+    /// The userspace IOAPIC of a split irqchip (also on `mmio`), for the EOIs KVM
+    /// reports.
+    pub ioapic: Option<std::sync::Arc<ioapic::Ioapic>>,
+    /// The userspace PIT of a split irqchip, unless `--no-pit`.
+    pub pit: Option<pit::Pit>,
 }
 
 impl Devices {
@@ -67,10 +77,11 @@ impl Devices {
             i8042::DATA_PORT | i8042::COMMAND_PORT => lock(&self.i8042).read(port, data),
             cmos::INDEX_PORT | cmos::DATA_PORT => lock(&self.cmos).read(port, data),
             acpi_pm::PORT..=acpi_pm::PORT_END => self.acpi_pm.read(port, data),
-            _ => {
-                log::debug!("unhandled port read {port:#x} ({} bytes)", data.len());
-                data.fill(0xff);
-            }
+            pit::COUNTER0_PORT..=pit::CONTROL_PORT | pit::SPEAKER_PORT => match &self.pit {
+                Some(p) => p.read(port, data),
+                None => unclaimed_read(port, data),
+            },
+            _ => unclaimed_read(port, data),
         }
     }
 
@@ -94,6 +105,12 @@ impl Devices {
                 None
             }
             acpi_pm::PORT..=acpi_pm::PORT_END => self.acpi_pm.write(port, data),
+            pit::COUNTER0_PORT..=pit::CONTROL_PORT | pit::SPEAKER_PORT if self.pit.is_some() => {
+                if let Some(p) = &self.pit {
+                    p.write(port, data);
+                }
+                None
+            }
             0x80 => None, // POST code / io_delay port: written constantly, means nothing.
             _ => {
                 log::debug!("unhandled port write {port:#x} {data:02x?}");
@@ -101,6 +118,12 @@ impl Devices {
             }
         }
     }
+}
+
+/// An IN from a port nobody owns: all ones, as an empty ISA bus reads.
+fn unclaimed_read(port: u16, data: &mut [u8]) {
+    log::debug!("unhandled port read {port:#x} ({} bytes)", data.len());
+    data.fill(0xff);
 }
 
 /// Locks a device, even if another vCPU thread panicked while holding it: device
