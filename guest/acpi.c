@@ -4,7 +4,7 @@
  *
  *   acpi: rsdp 0x00000000000f0000 from scan revision 2
  *   acpi: xsdt tables FACP APIC ... (each checksum ok)
- *   acpi: madt apic-ids 0,1,2,3 ioapics 1 irq0-gsi 2
+ *   acpi: madt apic-ids 0,1,2,3 ioapics 1 irq0-gsi 2 pcat 1
  *   acpi: rsdp ok xsdt ok madt ok lapics 4 fadt ok
  *   acpi: powering off (sleep control register, s5 type 5)
  *   ... the VM ends (poweroff); if it does not:
@@ -140,7 +140,8 @@ static int walk_madt(const struct sdt *m)
 		}
 		e += e[1];
 	}
-	kprintf(" ioapics %u irq0-gsi %u\n", ioapics, irq0_gsi);
+	/* Flags at +40, bit 0 PCAT_COMPAT: the machine also has two 8259s. */
+	kprintf(" ioapics %u irq0-gsi %u pcat %u\n", ioapics, irq0_gsi, rd32((const u8 *)m + 40) & 1);
 	if (e != end) {
 		fail = "MADT entries do not end at the table's end";
 		return 0;

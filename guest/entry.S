@@ -53,58 +53,13 @@ entry64:
 pvh_entry:
 	cli
 	cld
-	mov $boot_stack_top, %esp
-	mov %ebx, %esi			/* start_info survives the bss clearing */
-	mov $__bss_start, %edi
-	mov $__bss_end, %ecx
-	sub %edi, %ecx
-	shr $2, %ecx
-	xor %eax, %eax
-	rep stosl
-	mov %esi, pvh_start_info
-
 	/*
-	 * Identity map of the first 4 GiB (Intel SDM Vol. 3A §4.5, 4-level
-	 * paging): PML4[0] -> PDPT; PDPT[0..3] -> 1 GiB pages if CPUID says
-	 * pdpe1gb (CPUID.80000001H:EDX[26]), else -> four page directories of
-	 * 2 MiB pages. PML4 and PDPT are in .bss, already zero.
+	 * As little as possible in 32-bit mode: on a PVM host every 32-bit
+	 * guest instruction is emulated, so the identity page tables are
+	 * built by the assembler (.data below) and the .bss is cleared in
+	 * long mode. EBX (start_info) survives lm_enter32.
 	 */
-	movl $pvh_pdpt + PTE_P_RW, pvh_pml4
-	mov $0x80000000, %eax
-	cpuid
-	cmp $0x80000001, %eax
-	jb 2f
-	mov $0x80000001, %eax
-	cpuid
-	bt $26, %edx
-	jnc 2f
-	/* 1 GiB pages: four entries. */
-	mov $pvh_pdpt, %edi
-	mov $PTE_P_RW + PTE_PS, %eax
-	mov $4, %ecx
-1:	mov %eax, (%edi)
-	add $0x40000000, %eax
-	add $8, %edi
-	loop 1b
-	jmp 4f
-2:	/* 2 MiB pages: 4 x 512 entries, every byte written (pvh_pd is not
-	 * in the zeroed .bss: only this path needs it). */
-	mov $pvh_pdpt, %edi
-	mov $pvh_pd + PTE_P_RW, %eax
-	mov $4, %ecx
-3:	mov %eax, (%edi)
-	add $0x1000, %eax
-	add $8, %edi
-	loop 3b
-	mov $pvh_pd, %edi
-	mov $PTE_P_RW + PTE_PS, %eax
-	mov $2048, %ecx
-3:	mov %eax, (%edi)
-	movl $0, 4(%edi)
-	add $0x200000, %eax
-	add $8, %edi
-	loop 3b
-4:	movl $pvh_pml4, boot_cr3
+	mov $boot_stack_top, %esp
 	mov $pvh_long, %esi
 	jmp lm_enter32
 
@@ -147,7 +102,13 @@ lm_start64:
 	jmp *%rsi
 
 pvh_long:
-	mov pvh_start_info(%rip), %edi
+	lea __bss_start(%rip), %rdi
+	lea __bss_end(%rip), %rcx
+	sub %rdi, %rcx
+	shr $3, %rcx
+	xor %eax, %eax
+	rep stosq
+	mov %ebx, %edi
 	call boot_pvh
 halt:
 	cli
@@ -171,23 +132,35 @@ gdt_desc:
 	.word gdt_end - gdt - 1
 	.quad gdt
 
-	.bss
+	/* CR3 for lm_enter32: the tables below on the PVH path; entry64
+	 * replaces it with the VMM's. In .data: it must outlive the .bss
+	 * clearing, which the PVH path does after using it. */
 	.globl boot_cr3
 	.p2align 2
 boot_cr3:
-	.long 0
-pvh_start_info:
-	.long 0
+	.long pvh_pml4
+
+	/*
+	 * Identity map of the first 4 GiB for the PVH path (Intel SDM Vol. 3A
+	 * §4.5, 4-level paging): PML4[0] -> PDPT; PDPT[0..3] -> four page
+	 * directories of 2 MiB pages, written out by the assembler.
+	 */
 	.p2align 12
 pvh_pml4:
-	.skip 4096
+	.quad pvh_pdpt + PTE_P_RW
+	.skip 4096 - 8
 pvh_pdpt:
-	.skip 4096
+	.quad pvh_pd + PTE_P_RW, pvh_pd + 0x1000 + PTE_P_RW
+	.quad pvh_pd + 0x2000 + PTE_P_RW, pvh_pd + 0x3000 + PTE_P_RW
+	.skip 4096 - 32
+pvh_pd:
+	.set page, 0
+	.rept 2048
+	.quad page + PTE_P_RW + PTE_PS
+	.set page, page + 0x200000
+	.endr
 
 	.section .noinit, "aw", @nobits
-	.p2align 12
-pvh_pd:
-	.skip 4 * 4096
 	.p2align 4
 	.skip BOOT_STACK_SIZE
 	.globl boot_stack_top

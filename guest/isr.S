@@ -16,7 +16,7 @@
 	.endm
 
 	/* One 16-byte stub per vector: 0-31, then 0x30, 0x32, 0x34, 0x39, 0xff
-	 * (irq.c fills the IDT from this layout). */
+	 * (intr.c fills the IDT from this layout). */
 	.globl isr_stubs
 	.p2align 4
 isr_stubs:

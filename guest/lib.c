@@ -88,22 +88,61 @@ void boot_linux64(const u8 *bp)
 #define UART_LSR 5
 #define LSR_THRE 0x20
 
-void con_putc(char c)
+/* Output goes out in runs of up to 16 bytes, the 16550's transmit FIFO: one
+ * LSR check, then one `rep outsb` for the run, as Linux's 8250 driver fills
+ * the FIFO per THRE. Each IN or OUT is a VM exit, and on a PVM host an exit
+ * costs ~20 us: a byte at a time, hello spent most of its life in them. The
+ * buffer is the caller's (on its stack), so vCPUs printing at once cannot
+ * mix each other's runs. */
+#define UART_FIFO 16
+
+struct con_buf {
+	u8 b[UART_FIFO];
+	u32 n;
+};
+
+static void con_flush(struct con_buf *o)
 {
-	/* Wait (bounded) for the transmit holding register to be empty, as a
-	 * real 16550 needs; an emulated one is always ready. */
+	if (!o->n)
+		return;
+	/* Wait (bounded) for the transmit FIFO to be empty, as a real 16550
+	 * needs; an emulated one is always ready. */
 	for (int i = 0; i < 100000 && !(inb(COM1 + UART_LSR) & LSR_THRE); i++)
 		cpu_relax();
-	outb(COM1, (u8)c);
+	const u8 *p = o->b;
+	u64 n = o->n;
+	__asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"((u16)COM1) : "memory");
+	o->n = 0;
+}
+
+static void buf_putc(struct con_buf *o, char c)
+{
+	o->b[o->n++] = (u8)c;
+	if (o->n == UART_FIFO)
+		con_flush(o);
+}
+
+void con_putc(char c)
+{
+	struct con_buf o = {.n = 0};
+	buf_putc(&o, c);
+	con_flush(&o);
+}
+
+static void buf_puts(struct con_buf *o, const char *s)
+{
+	while (*s)
+		buf_putc(o, *s++);
 }
 
 void con_puts(const char *s)
 {
-	while (*s)
-		con_putc(*s++);
+	struct con_buf o = {.n = 0};
+	buf_puts(&o, s);
+	con_flush(&o);
 }
 
-static void put_num(u64 v, unsigned base, int width, char pad, int alt)
+static void put_num(struct con_buf *o, u64 v, unsigned base, int width, char pad, int alt)
 {
 	char buf[24];
 	int n = 0;
@@ -112,21 +151,22 @@ static void put_num(u64 v, unsigned base, int width, char pad, int alt)
 		v /= base;
 	} while (v);
 	if (alt)
-		con_puts("0x");
+		buf_puts(o, "0x");
 	while (width-- > n)
-		con_putc(pad);
+		buf_putc(o, pad);
 	while (n)
-		con_putc(buf[--n]);
+		buf_putc(o, buf[--n]);
 }
 
 /* printf subset: %s %c %d %u %x with '#', '0', width and 'l'. */
 void kprintf(const char *fmt, ...)
 {
+	struct con_buf o = {.n = 0};
 	__builtin_va_list ap;
 	__builtin_va_start(ap, fmt);
 	for (; *fmt; fmt++) {
 		if (*fmt != '%') {
-			con_putc(*fmt);
+			buf_putc(&o, *fmt);
 			continue;
 		}
 		int alt = 0, width = 0, is_long = 0;
@@ -138,25 +178,26 @@ void kprintf(const char *fmt, ...)
 			width = width * 10 + (*fmt++ - '0');
 		while (*fmt == 'l') { is_long = 1; fmt++; }
 		switch (*fmt) {
-		case 's': con_puts(__builtin_va_arg(ap, const char *)); break;
-		case 'c': con_putc((char)__builtin_va_arg(ap, int)); break;
+		case 's': buf_puts(&o, __builtin_va_arg(ap, const char *)); break;
+		case 'c': buf_putc(&o, (char)__builtin_va_arg(ap, int)); break;
 		case 'd': {
 			i64 v = is_long ? __builtin_va_arg(ap, i64) : __builtin_va_arg(ap, int);
-			if (v < 0) { con_putc('-'); v = -v; }
-			put_num((u64)v, 10, width, pad, 0);
+			if (v < 0) { buf_putc(&o, '-'); v = -v; }
+			put_num(&o, (u64)v, 10, width, pad, 0);
 			break;
 		}
 		case 'u':
 		case 'x': {
 			u64 v = is_long ? __builtin_va_arg(ap, u64) : __builtin_va_arg(ap, u32);
-			put_num(v, *fmt == 'x' ? 16 : 10, width, pad, alt);
+			put_num(&o, v, *fmt == 'x' ? 16 : 10, width, pad, alt);
 			break;
 		}
-		case '%': con_putc('%'); break;
-		default: con_putc('?'); break;
+		case '%': buf_putc(&o, '%'); break;
+		default: buf_putc(&o, '?'); break;
 		}
 	}
 	__builtin_va_end(ap);
+	con_flush(&o);
 }
 
 /* ---- Command line ------------------------------------------------------- */

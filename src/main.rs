@@ -213,8 +213,9 @@ struct RunArgs {
     /// Log every VM exit as it happens, and a table of exits at the end.
     #[arg(long)]
     trace_exits: bool,
-    /// Leave out the in-kernel PIT timer: quicker start and end for tiny guests that
-    /// never use it (Linux needs it).
+    /// Leave out the 8254 PIT timer (ports 0x40-0x43 and 0x61 then read as nothing
+    /// there): for guests that never use it. Quicker with `--irqchip kernel`, where
+    /// KVM's PIT has a kernel thread to start and stop.
     #[arg(long)]
     no_pit: bool,
     /// Where the interrupt controllers and the PIT live: `kernel` (KVM's PICs, IOAPIC,

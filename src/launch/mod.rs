@@ -189,7 +189,8 @@ pub fn admit_and_run(
 /// The one-line JSON summary of a VM that ran (`minivmm run --json`): how it ended
 /// and its exit status, where the time went (`started` is when the process began),
 /// the console's byte counts, the VM's size, exits per kind, and each virtio
-/// device's I/O.
+/// device's I/O. `cpu_ms` is the process's CPU time so far (user + system, from
+/// getrusage(RUSAGE_SELF)): every thread of the VM, and whatever else the process ran.
 pub fn summary(o: &Outcome, started: Instant) -> serde_json::Value {
     let exits: serde_json::Map<String, serde_json::Value> = crate::vmm::ExitKind::ALL
         .iter()
@@ -204,6 +205,7 @@ pub fn summary(o: &Outcome, started: Instant) -> serde_json::Value {
         "build_ms": ms(o.build_time),
         "run_ms": ms(o.run_time),
         "teardown_ms": ms(o.teardown_time),
+        "cpu_ms": process_cpu().map(ms),
         "first_output_ms": o.first_output.map(ms),
         "console_bytes": o.console_bytes,
         "console_dropped_bytes": o.console_dropped,
@@ -219,6 +221,19 @@ pub fn summary(o: &Outcome, started: Instant) -> serde_json::Value {
             _ => None,
         },
     })
+}
+
+/// The calling process's CPU time, user and system, of every thread so far.
+fn process_cpu() -> Option<Duration> {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the buffer it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: getrusage succeeded, so the struct is filled in.
+    let u = unsafe { u.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Some(tv(u.ru_utime) + tv(u.ru_stime))
 }
 
 #[cfg(test)]

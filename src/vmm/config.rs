@@ -133,12 +133,13 @@ pub struct VmConfig {
     pub serial_in: SerialIn,
     /// Log every VM exit as it happens (for learners; at `info` level).
     pub trace_exits: bool,
-    /// Give the VM KVM's in-kernel 8254 PIT (KVM_CREATE_PIT2). Linux calibrates its
+    /// Give the VM an 8254 PIT: KVM's (KVM_CREATE_PIT2) with [`IrqChip::Kernel`],
+    /// minivmm's (`devices::pit`) with [`IrqChip::Split`]. Linux calibrates its
     /// clocks with it, so it is on by default; a tiny guest that never programs the
-    /// timer can go without, which saves the PIT's kernel thread start-up and its SRCU
-    /// waits at teardown, and lets minivmm cut short the irqchip's own wait (see
-    /// `delete_memory_slots` in vmm/mod.rs): a VM that lives a few ms ends ~8 ms sooner
-    /// here. Without it, ports 0x40-0x43 behave like any unclaimed port.
+    /// timer can go without. With KVM's PIT that saves its kernel thread start-up and
+    /// its SRCU waits at teardown, and lets minivmm cut short the irqchip's own wait
+    /// (see `delete_memory_slots` in vmm/mod.rs): a VM that lives a few ms ends ~8 ms
+    /// sooner. Without it, ports 0x40-0x43 behave like any unclaimed port.
     pub pit: bool,
     /// Where the IOAPIC, the PICs and the PIT are: in KVM, or (split) the IOAPIC and
     /// PIT in minivmm with only the LAPICs in KVM.
@@ -252,11 +253,12 @@ impl std::str::FromStr for DiskSpec {
 pub enum IrqChip {
     /// KVM_CREATE_IRQCHIP: the two 8259 PICs, the IOAPIC and the LAPICs in the host
     /// kernel, and with the PIT, KVM_CREATE_PIT2.
-    #[default]
     Kernel,
     /// KVM_CAP_SPLIT_IRQCHIP: the LAPICs in the host kernel; the IOAPIC
     /// (`devices::ioapic`) and the PIT (`devices::pit`) in minivmm, no 8259s. Cheaper
     /// to create and to tear down: the host kernel has less to build and to wait for.
+    /// The default (BENCHMARKS.md, "Split irqchip").
+    #[default]
     Split,
 }
 

@@ -348,20 +348,23 @@ impl Vm {
             IrqChip::Split => {
                 let router = Box::new(KvmRouter(std::sync::Mutex::new(Some(vm.clone()))));
                 // Its ID follows the CPUs', as the MP table and MADT say.
-                let ioapic = Arc::new(devices::ioapic::Ioapic::new(config.vcpus as u8, router));
+                let mut ioapic = devices::ioapic::Ioapic::new(config.vcpus as u8, router);
+                let pit = if config.pit {
+                    // ISA IRQ 0 is IOAPIC pin (and GSI) 0 in the MP table and MADT.
+                    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
+                    vm.register_irqfd(&irq, 0).map_err(ioctl("KVM_IRQFD"))?;
+                    let pit = devices::pit::Pit::new(irq);
+                    ioapic.watch_pin(0, pit.pin_watch());
+                    Some(pit)
+                } else {
+                    None
+                };
+                let ioapic = Arc::new(ioapic);
                 mmio.insert_range(
                     devices::ioapic::IOAPIC_BASE,
                     devices::ioapic::IOAPIC_SIZE,
                     ioapic.clone(),
                 );
-                let pit = if config.pit {
-                    // ISA IRQ 0 is IOAPIC pin (and GSI) 0 in the MP table and MADT.
-                    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;
-                    vm.register_irqfd(&irq, 0).map_err(ioctl("KVM_IRQFD"))?;
-                    Some(devices::pit::Pit::new(irq))
-                } else {
-                    None
-                };
                 (Some(ioapic), pit)
             }
         };

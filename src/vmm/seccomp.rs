@@ -259,6 +259,7 @@ const MAIN: &[i64] = &[
     libc::SYS_sched_getaffinity,
     libc::SYS_memfd_create,
     libc::SYS_uname,
+    libc::SYS_getrusage,
 ];
 
 /// KVM's ioctl type byte (`KVMIO`, include/uapi/linux/kvm.h): every KVM ioctl's

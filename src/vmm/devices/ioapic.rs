@@ -89,10 +89,16 @@ pub trait MsiRouter: Send + Sync {
     fn detach(&self) {}
 }
 
+/// Told whether a pin has a route (true) or drops its edges (false), each time that
+/// changes: how the PIT learns that nobody hears its ticks.
+pub type PinWatch = Box<dyn Fn(bool) + Send + Sync>;
+
 /// The userspace IOAPIC of one VM.
 pub struct Ioapic {
     state: Mutex<State>,
     router: Box<dyn MsiRouter>,
+    /// Watchers of one pin each.
+    watches: Vec<(usize, PinWatch)>,
 }
 
 struct State {
@@ -121,7 +127,15 @@ impl Ioapic {
                 eois: 0,
             }),
             router,
+            watches: Vec::new(),
         }
+    }
+
+    /// Calls `watch` with whether `pin` is routed, now (every pin is masked at reset)
+    /// and whenever that changes.
+    pub fn watch_pin(&mut self, pin: usize, watch: PinWatch) {
+        watch(false);
+        self.watches.push((pin, watch));
     }
 
     /// An EOI for `vector` from a LAPIC (KVM_EXIT_IOAPIC_EOI). See the module doc:
@@ -192,7 +206,16 @@ impl Ioapic {
             return;
         }
         match self.router.set_routes(&routes) {
-            Ok(()) => s.routes = routes,
+            Ok(()) => {
+                for (pin, watch) in &self.watches {
+                    let routed = |rs: &[MsiRoute]| rs.iter().any(|r| r.gsi as usize == *pin);
+                    let now = routed(&routes);
+                    if now != routed(&s.routes) {
+                        watch(now);
+                    }
+                }
+                s.routes = routes;
+            }
             // Not the guest's fault and not fatal: the pins keep their old routes.
             Err(e) => crate::vmm::ratelimit::warn_limited!("ioapic: {e}"),
         }
@@ -342,6 +365,19 @@ mod tests {
         let calls = rec.0.lock().unwrap().len();
         write_reg(&io, REG_TABLE, 0x40 | 7 << 8);
         assert_eq!(rec.0.lock().unwrap().len(), calls);
+    }
+
+    #[test]
+    fn a_watched_pin_is_told_when_its_route_comes_and_goes() {
+        let (mut io, _) = ioapic();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        io.watch_pin(0, Box::new(move |on| s.lock().unwrap().push(on)));
+        write_reg(&io, REG_TABLE + 2, 0x31); // pin 1: not watched
+        write_reg(&io, REG_TABLE, 0x30);
+        write_reg(&io, REG_TABLE, 0x31); // still routed
+        write_reg(&io, REG_TABLE, 0x30 | 1 << 16);
+        assert_eq!(*seen.lock().unwrap(), vec![false, true, false]);
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! A period shorter than [`MIN_PERIOD`] is stretched to it (as KVM's own PIT does), so
 //! a guest that asks for a 1 µs timer gets 5,000 interrupts a second, not a host
 //! thread spinning; ticks the thread could not deliver in time are merged into one,
-//! as the interrupt line would merge them.
+//! as the interrupt line would merge them. While IRQ 0's IOAPIC pin is masked (the
+//! IOAPIC tells us, [`Pit::pin_watch`]) its edges would be dropped anyway, so the
+//! thread sleeps: a parked guest with a fast timer costs its host nothing.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -224,6 +226,10 @@ struct State {
     next_irq: Option<Instant>,
     /// Counter 0's interrupt period (stretched to MIN_PERIOD), for modes 2 and 3.
     period: Option<Duration>,
+    /// Whether IRQ 0's IOAPIC pin has a route: while it has none its edges are
+    /// dropped, so the thread sleeps instead of raising them (the counters, read from
+    /// the clock, do not depend on it).
+    heard: bool,
     /// Interrupts raised and merged, for the log at the end.
     raised: u64,
     merged: u64,
@@ -244,6 +250,7 @@ impl Pit {
             speaker: false,
             next_irq: None,
             period: None,
+            heard: true,
             raised: 0,
             merged: 0,
             stop: false,
@@ -252,6 +259,16 @@ impl Pit {
             shared: Arc::new((Mutex::new(state), Condvar::new())),
             irq: Arc::new(irq),
         }
+    }
+
+    /// A watch for the IOAPIC pin of IRQ 0 (`Ioapic::watch_pin`): the timer thread
+    /// sleeps while the pin is masked, so a fast timer nobody hears costs no CPU.
+    pub fn pin_watch(&self) -> Box<dyn Fn(bool) + Send + Sync> {
+        let shared = self.shared.clone();
+        Box::new(move |heard| {
+            super::lock(&shared.0).heard = heard;
+            shared.1.notify_one();
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -364,7 +381,7 @@ impl Pit {
     fn serve(shared: &(Mutex<State>, Condvar), irq: &EventFd) {
         let mut s = super::lock(&shared.0);
         while !s.stop {
-            let Some(at) = s.next_irq else {
+            let Some(at) = s.next_irq.filter(|_| s.heard) else {
                 s = shared.1.wait(s).unwrap_or_else(|p| p.into_inner());
                 continue;
             };
