@@ -8,11 +8,11 @@
 bench_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Builds minivmm and the bench examples (release) and sets MINIVMM, BENCH_RUN,
-# EXIT_FLOOR to their paths.
+# EXIT_FLOOR, VM_CYCLE to their paths.
 bench_build_tools() {
     command -v cargo >/dev/null || die "cargo is missing; install Rust (https://rustup.rs) to build minivmm"
     log "building minivmm and the bench tools (cargo build --release)"
-    (cd "$bench_root" && cargo build --release --quiet --bin minivmm --example bench_run --example exit_floor) ||
+    (cd "$bench_root" && cargo build --release --quiet --bin minivmm --example bench_run --example exit_floor --example vm_cycle) ||
         die "cargo build --release failed; see the messages above"
     local target="${CARGO_TARGET_DIR:-$bench_root/target}"
     # shellcheck disable=SC2034 # used by the scripts that source this file
@@ -21,6 +21,8 @@ bench_build_tools() {
     BENCH_RUN="$target/release/examples/bench_run"
     # shellcheck disable=SC2034
     EXIT_FLOOR="$target/release/examples/exit_floor"
+    # shellcheck disable=SC2034
+    VM_CYCLE="$target/release/examples/vm_cycle"
 }
 
 # Builds the PVH bench guests into DIR (hello.elf, exits-N.elf for each N given).

@@ -8,6 +8,10 @@
 #                      the tiny-guest suite: linux acpi_linux guest_basic
 #                      guest_io guest_memory guest_smp guest_virtio
 #                      guest_virtiofs linux_virtio exec)
+#   --irqchips "M ..." run every test binary once per --irqchip mode (default
+#                      "split kernel": split is minivmm's default, and every
+#                      guest must pass with both; the runs in kernel mode are
+#                      named NAME@kernel)
 #   --script FILE      run this shell script inside instead of the tests; its
 #                      exit status becomes the verdict (for loops and
 #                      benchmarks; /nested/env holds the guests' variables)
@@ -63,6 +67,7 @@ usage() {
 # now and then stalled there with its vCPU stuck in KVM_RUN (through SIGKILL: a
 # fault of the outer kernel). It has passed since the share's requests grew to
 # 1 MiB (76 s for all of it); an outer VM that hangs is booted again (below).
+irqchips="split kernel"
 tests="linux acpi_linux guest_basic guest_io guest_memory guest_smp guest_virtio guest_virtiofs linux_virtio exec"
 script=""
 with_qemu=false
@@ -80,6 +85,7 @@ work="$PWD/target/nested"
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --tests) [ "$#" -ge 2 ] || die "--tests needs a list, e.g. --tests 'linux guest_smp'"; tests="$2"; shift 2 ;;
+        --irqchips) [[ "${2:-}" =~ ^(split|kernel)( (split|kernel))*$ ]] || die "--irqchips needs modes, e.g. --irqchips 'split kernel'"; irqchips="$2"; shift 2 ;;
         --script) [ "$#" -ge 2 ] || die "--script needs a file"; script="$(realpath "$2")"; shift 2 ;;
         --with-qemu) with_qemu=true; shift ;;
         --env) [[ "${2:-}" == [A-Za-z_]*=* ]] || die "--env needs NAME=VALUE"; extra_env+=("$2"); shift 2 ;;
@@ -195,8 +201,15 @@ done
 : >"$root/nested/plan"
 while read -r name bin; do
     stage_program "$bin"
-    printf '%s|%s|%s\n' "$name" "$bin" "${skip_inside[$name]:-}" >>"$root/nested/plan"
 done <<<"$plan_bins"
+first_mode="${irqchips%% *}"
+for mode in $irqchips; do
+    while read -r name bin; do
+        label="$name"
+        [ "$mode" = "$first_mode" ] || label="$name@$mode"
+        printf '%s|%s|%s|%s\n' "$label" "$bin" "${skip_inside[$name]:-}" "$mode" >>"$root/nested/plan"
+    done <<<"$plan_bins"
+done
 # The tiny guests are built by build.rs into a directory compiled into the
 # test binaries; take it from there.
 guest_dirs="$(find "$PWD/target/release/build" -maxdepth 4 -name hello.elf -printf '%h\n')"
@@ -291,13 +304,14 @@ if [ -s /nested/script ]; then
     status=$?
     say "script status=$status"
 else
-    while IFS='|' read -r name bin skip <&3; do
+    while IFS='|' read -r name bin skip mode <&3; do
         case "$passed_before" in *" $name "*) say "passed on an earlier boot: $name"; continue ;; esac
         case "$failed_before" in *" $name "*) say "FAILED on an earlier boot: $name"; status=1; continue ;; esac
         # --nocapture: each boot's status and time appear as they happen.
         set -- --test-threads="$TEST_THREADS" --nocapture
         [ -z "$skip" ] || set -- "$@" --skip "$skip"
-        say "running $name ($bin $*)"
+        export MINIVMM_IRQCHIP="$mode"
+        say "running $name ($bin $*) with --irqchip $mode"
         start=$(date +%s)
         rc=$(run_tests "$bin" "$@")
         say "result $name status=$rc ($(( $(date +%s) - start )) s)"
@@ -404,7 +418,7 @@ while [ -z "$verdict" ] && [ "$attempt" -lt "$attempts" ] && [ "$qemu_status" !=
     { [ "$hung" = true ] || grep -qaE "$outer_fault" "$console"; }; do
     cp "$console" "$work/console-crashed-$attempt.txt"
     finished="$(cat "$work"/console-crashed-*.txt | tr -d '\r' |
-        sed -n 's/^minivmm-nested: final \([A-Za-z0-9_]*\) status=\([0-9]*\)$/\1 \2/p')"
+        sed -n 's/^minivmm-nested: final \([A-Za-z0-9_@]*\) status=\([0-9]*\)$/\1 \2/p')"
     passed="$(awk '$2 == 0 { printf "%s,", $1 }' <<<"$finished")"
     failed="$(awk '$2 != 0 { printf "%s,", $1 }' <<<"$finished")"
     resume="minivmm.passed=${passed%,} minivmm.failed=${failed%,}"

@@ -139,6 +139,8 @@ struct ExecArgs {
     #[arg(long)]
     no_ledger: bool,
     #[command(flatten)]
+    chip: Chip,
+    #[command(flatten)]
     sandbox: Sandbox,
     /// The command and its arguments.
     #[arg(
@@ -148,6 +150,21 @@ struct ExecArgs {
         value_name = "CMD"
     )]
     command: Vec<String>,
+}
+
+/// The `--irqchip` flag of `run` and `exec`.
+#[derive(clap::Args)]
+struct Chip {
+    /// Where the interrupt controllers and the PIT live: `split` (the LAPICs in KVM;
+    /// the IOAPIC and the PIT in minivmm, no 8259 PICs: faster to create and to tear
+    /// down) or `kernel` (KVM's PICs, IOAPIC, LAPICs and PIT).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "split",
+        env = "MINIVMM_IRQCHIP"
+    )]
+    irqchip: minivmm::vmm::IrqChip,
 }
 
 /// The `--seccomp` flag of `run` and `exec`.
@@ -218,16 +235,8 @@ struct RunArgs {
     /// KVM's PIT has a kernel thread to start and stop.
     #[arg(long)]
     no_pit: bool,
-    /// Where the interrupt controllers and the PIT live: `kernel` (KVM's PICs, IOAPIC,
-    /// LAPICs and PIT) or `split` (LAPICs in KVM; the IOAPIC and the PIT in minivmm,
-    /// no 8259 PICs: faster to create and to tear down).
-    #[arg(
-        long,
-        value_name = "MODE",
-        default_value = "kernel",
-        env = "MINIVMM_IRQCHIP"
-    )]
-    irqchip: minivmm::vmm::IrqChip,
+    #[command(flatten)]
+    chip: Chip,
     /// A raw disk image as a virtio-blk disk (repeatable; the guest sees them as
     /// /dev/vda, /dev/vdb, ... in this order). `,ro` makes it read-only. The image is
     /// locked while the VM runs, and its size is claimed in the ledger as disk.
@@ -400,7 +409,7 @@ fn run(args: RunArgs, started: Instant) -> i32 {
         serial_in,
         trace_exits: args.trace_exits,
         pit: !args.no_pit,
-        irqchip: args.irqchip,
+        irqchip: args.chip.irqchip,
         disks: args.disk.clone(),
         shares: args.share.clone(),
         rng: args.rng,
@@ -463,6 +472,7 @@ fn exec(args: ExecArgs, started: Instant) -> i32 {
         }
     };
     config.seccomp = args.sandbox.seccomp;
+    config.irqchip = args.chip.irqchip;
     if pending.built_initramfs {
         log::info!("exec: built the initramfs for this kernel (cached for the next runs)");
     }

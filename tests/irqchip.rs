@@ -19,7 +19,8 @@ fn a_hostile_guest_costs_cpu_time_only_in_both_modes() {
     }
     for mode in ["kernel", "split"] {
         let mut cpu = Vec::new();
-        for timeout in ["1s", "4s"] {
+        // Long enough to reach the parked state on a slow nested KVM too (~1 s there).
+        for timeout in ["3s", "6s"] {
             let r = run_with(
                 "chaos.elf",
                 "",

@@ -7,7 +7,8 @@
 #
 #   scripts/test-nested-kvm.sh --with-qemu --script scripts/nested/bench-vs-qemu.sh
 #
-# RUNS (default 5) runs of each, alternating. EXTRA_CMDLINE is appended to the
+# minivmm runs twice per round, with --irqchip split (m, the default) and
+# --irqchip kernel (k). RUNS (default 5) runs of each, alternating. EXTRA_CMDLINE is appended to the
 # kernel command line of both (e.g. printk.time=1 to see where time goes).
 RUNS=${RUNS:-5}
 LINE="minivmm-init: reached /init"
@@ -24,9 +25,13 @@ measure() {
     "$@" </dev/null >/dev/null 2>/tmp/bench-stderr.txt &
     pid=$!
     while ! grep -q "$LINE" "$console" 2>/dev/null; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench: $1 ended before '$LINE':" >&2
+        # A boot that never gets there (the nested SVM of QEMU's TCG is not sound:
+        # now and then a vCPU stalls) is named and left out of the medians.
+        if ! kill -0 "$pid" 2>/dev/null || [ $(($(ms) - t0)) -gt 60000 ]; then
+            echo "bench: $1 did not reach '$LINE' (ended, or 60 s passed):" >&2
             tail -n 20 "$console" /tmp/bench-stderr.txt >&2
+            kill -9 "$pid" 2>/dev/null
+            wait "$pid" 2>/dev/null
             echo "-1 -1"
             return
         fi
@@ -42,14 +47,19 @@ measure() {
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 : >/tmp/m.txt
+: >/tmp/k.txt
 : >/tmp/q.txt
 i=1
 while [ "$i" -le "$RUNS" ]; do
-    r=$(measure /tmp/m-console.txt $MINIVMM_BIN run --no-ledger --kernel "$MINIVMM_LINUX_VMLINUX" \
-        --initrd "$MINIVMM_INITRAMFS" --cmdline "$CMDLINE" --vcpus 2 --memory 256M \
-        --serial-out /tmp/m-console.txt)
-    echo "bench: minivmm run $i: ms rss_kb = $r"
-    echo "$r" >>/tmp/m.txt
+    for mode in split kernel; do
+        f=m
+        [ "$mode" = kernel ] && f=k
+        r=$(measure /tmp/$f-console.txt $MINIVMM_BIN run --no-ledger --kernel "$MINIVMM_LINUX_VMLINUX" \
+            --initrd "$MINIVMM_INITRAMFS" --cmdline "$CMDLINE" --vcpus 2 --memory 256M \
+            --irqchip $mode --serial-out /tmp/$f-console.txt)
+        echo "bench: minivmm --irqchip $mode run $i: ms rss_kb = $r"
+        echo "$r" >>/tmp/$f.txt
+    done
     r=$(measure /tmp/q-console.txt qemu-system-x86_64 -enable-kvm -cpu host \
         -M microvm,x-option-roms=off -nodefaults -no-user-config -display none \
         -serial file:/tmp/q-console.txt -no-reboot -smp 2 -m 256M \
@@ -58,8 +68,10 @@ while [ "$i" -le "$RUNS" ]; do
     echo "$r" >>/tmp/q.txt
     i=$((i + 1))
 done
-for f in m q; do
-    echo "bench: $f median ms $(cut -d' ' -f1 /tmp/$f.txt | median) rss_kb $(cut -d' ' -f2 /tmp/$f.txt | median)"
+echo "bench: m = minivmm --irqchip split, k = minivmm --irqchip kernel, q = QEMU microvm"
+for f in m k q; do
+    good=$(grep -v '^-1' /tmp/$f.txt)
+    echo "bench: $f median ms $(echo "$good" | cut -d' ' -f1 | median) rss_kb $(echo "$good" | cut -d' ' -f2 | median) ($(echo "$good" | grep -c .) of $(grep -c . /tmp/$f.txt) runs reached /init)"
 done
 echo "bench: minivmm console:"; cat /tmp/m-console.txt
 echo "bench: qemu console:"; cat /tmp/q-console.txt
