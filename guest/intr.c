@@ -1,6 +1,5 @@
-/* Interrupt plumbing of the guests that take interrupts (irq, chaos): the
- * IDT (every exception and the device vectors of isr.S's stubs, all calling
- * irq_dispatch()) and the IOAPIC's registers. */
+/* The IDT of the guests that take interrupts (irq, chaos): every exception
+ * and the device vectors of isr.S's stubs, all calling irq_dispatch(). */
 #include "lib.h"
 
 /* The stub layout of isr.S: 16 bytes per vector, exceptions 0-31 first, then
@@ -37,26 +36,3 @@ void load_idt(void)
 	struct __attribute__((packed)) { u16 limit; u64 base; } idtr = {sizeof(idt) - 1, (u64)idt};
 	__asm__ volatile("lidt %0" : : "m"(idtr));
 }
-
-/* IOAPIC: index/data window (82093AA datasheet §3.0); redirection entry n
- * is registers 0x10 + 2n (low) and 0x11 + 2n (high). */
-void ioapic_write(u32 reg, u32 v)
-{
-	mmio_write32(IOAPIC_BASE, reg);
-	mmio_write32(IOAPIC_BASE + 0x10, v);
-}
-
-u32 ioapic_read(u32 reg)
-{
-	mmio_write32(IOAPIC_BASE, reg);
-	return mmio_read32(IOAPIC_BASE + 0x10);
-}
-
-/* Fixed delivery, physical destination, active high, edge: only the vector
- * and the mask bit (16) are set. */
-void ioapic_route(u32 pin, u8 vector, u32 dest, int masked)
-{
-	ioapic_write(0x11 + 2 * pin, dest << 24);
-	ioapic_write(0x10 + 2 * pin, vector | (masked ? 1u << 16 : 0));
-}
-

@@ -200,6 +200,30 @@ void kprintf(const char *fmt, ...)
 	con_flush(&o);
 }
 
+/* ---- IOAPIC ------------------------------------------------------------- */
+
+/* IOAPIC: index/data window (82093AA datasheet §3.0); redirection entry n
+ * is registers 0x10 + 2n (low) and 0x11 + 2n (high). */
+void ioapic_write(u32 reg, u32 v)
+{
+	mmio_write32(IOAPIC_BASE, reg);
+	mmio_write32(IOAPIC_BASE + 0x10, v);
+}
+
+u32 ioapic_read(u32 reg)
+{
+	mmio_write32(IOAPIC_BASE, reg);
+	return mmio_read32(IOAPIC_BASE + 0x10);
+}
+
+/* Fixed delivery, physical destination, active high, edge: only the vector
+ * and the mask bit (16) are set. */
+void ioapic_route(u32 pin, u8 vector, u32 dest, int masked)
+{
+	ioapic_write(0x11 + 2 * pin, dest << 24);
+	ioapic_write(0x10 + 2 * pin, vector | (masked ? 1u << 16 : 0));
+}
+
 /* ---- Command line ------------------------------------------------------- */
 
 /* Finds `key=` at the start of a word; returns the value and its length. */

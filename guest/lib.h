@@ -126,8 +126,9 @@ static inline u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
 
 NORETURN void debug_exit(u32 value);
 
-/* intr.c (guests linked with isr.o): the IDT, and the IOAPIC's registers. */
+/* intr.c (guests linked with isr.o): the IDT. */
 void load_idt(void);
+/* The IOAPIC's registers. */
 void ioapic_write(u32 reg, u32 v);
 u32 ioapic_read(u32 reg);
 void ioapic_route(u32 pin, u8 vector, u32 dest, int masked);

@@ -112,7 +112,7 @@ struct dev {
 	u32 irq;
 	u32 id;
 	u64 offered;     /* DeviceFeatures */
-	int irr_checked; /* virtio.c: the PIC IRR line was printed */
+	int irr_checked; /* virtio.c: the LAPIC IRR line was printed */
 	u32 nq;          /* queues set up by vio_init */
 	struct vq q[MAX_QUEUES];
 };

@@ -9,7 +9,7 @@
  *   virtio: dev 0 at 0xd0000000 irq 5 id 2
  *   virtio-blk 0: features 0x100000220 accepted 0x100000220
  *   virtio-blk 0: capacity 2048 ro 0
- *   virtio: dev 0 irq 5 pic irr 0->1          (the 8259 saw the line rise)
+ *   virtio: dev 0 irq 5 lapic irr 0->1        (the line rose and reached the CPU)
  *   virtio-blk 0: sector 0 sum 89abcdef
  *   virtio-blk 0: sector 0 text "minivmm sector 0"
  *   virtio-blk 0: serial <up to 20 characters>
@@ -112,17 +112,16 @@ static u32 fnv1a(const u8 *p, usize n)
 	return h;
 }
 
-/* 8259 interrupt request registers, master and slave (OCW3 0x0a reads the
- * IRR): an edge on ISA IRQ n sets bit n even while it is masked and the CPU
- * has interrupts off, so it shows that the device raised its line. */
-static u32 pic_irr(void)
+/* Whether `vector` waits in the local APIC's interrupt request register
+ * (IRR, eight 32-bit registers from 0x200; SDM Vol. 3A §11.8.4). With
+ * interrupts off throughout, a delivered interrupt stays there. */
+static u32 lapic_pending(u32 vector)
 {
-	outb(0x20, 0x0a);
-	u32 lo = inb(0x20);
-	outb(0xa0, 0x0a);
-	u32 hi = inb(0xa0);
-	return lo | hi << 8;
+	return lapic_read(0x200 + 0x10 * (vector / 32)) >> (vector % 32) & 1;
 }
+
+/* Each device's IOAPIC pin goes to a vector of its own. */
+static u32 dev_vector(const struct dev *d) { return 0x40 + d->index; }
 
 /* Reset, features, queue 0 on qmem, DRIVER_OK. */
 static int dev_init(struct dev *d, u64 want, u64 *accepted)
@@ -130,26 +129,31 @@ static int dev_init(struct dev *d, u64 want, u64 *accepted)
 	return vio_init(d, want, accepted, &qmem, 1);
 }
 
-/* The PIC's view of the device's line around its first request. */
+/* The device's line around its first request, as the CPU sees it: the pin
+ * is routed (fixed, edge, to this CPU) just before, so an edge it carries
+ * leaves the device's vector pending in the LAPIC, whether the IOAPIC is
+ * KVM's or the VMM's. */
 static u32 irr_before;
 static void irr_note_before(const struct dev *d)
 {
-	if (!d->irr_checked && d->irq < 16)
-		irr_before = pic_irr();
+	if (d->irr_checked || d->irq >= 24)
+		return;
+	lapic_write(LAPIC_SVR, 0x1ff); /* software-enabled: it accepts interrupts */
+	ioapic_route(d->irq, (u8)dev_vector(d), lapic_id(), 0);
+	irr_before = lapic_pending(dev_vector(d));
 }
 static void irr_note_after(struct dev *d)
 {
-	if (d->irr_checked || d->irq >= 16)
+	if (d->irr_checked || d->irq >= 24)
 		return;
 	d->irr_checked = 1;
-	/* The VMM may raise the line through an irqfd, which KVM delivers a
-	 * moment later: wait for it, bounded. */
+	/* The VMM raises the line through an irqfd, which KVM delivers a moment
+	 * later: wait for it, bounded. */
 	u32 after;
 	u64 end = deadline_ms(1000);
-	while (!((after = pic_irr()) >> d->irq & 1) && !expired(end))
+	while (!(after = lapic_pending(dev_vector(d))) && !expired(end))
 		cpu_relax();
-	kprintf("virtio: dev %u irq %u pic irr %u->%u\n", d->index, d->irq,
-		(irr_before >> d->irq) & 1, (after >> d->irq) & 1);
+	kprintf("virtio: dev %u irq %u lapic irr %u->%u\n", d->index, d->irq, irr_before, after);
 }
 
 /* One request and its completion; returns the used length in *len. */

@@ -69,8 +69,9 @@ fn dev_line(r: &Run, n: u32, addr: u64, id: u32) -> u32 {
     let irq: u32 = irq
         .parse()
         .unwrap_or_else(|_| panic!("{line}\n{}", r.ctx()));
-    // The line really went up: the 8259's IRR shows it after the first request.
-    r.assert_line(&format!("virtio: dev {n} irq {irq} pic irr 0->1"));
+    // The line really went up and reached the CPU: the device's vector, routed on the
+    // IOAPIC, is pending in the LAPIC's IRR after the first request.
+    r.assert_line(&format!("virtio: dev {n} irq {irq} lapic irr 0->1"));
     irq
 }
 

@@ -504,6 +504,11 @@ impl Supervisor {
         generation: u64,
         status: Option<std::process::ExitStatus>,
     ) {
+        // A process that was killed could not release its claim: release it before
+        // the VM is shown as ended, so that whoever sees it ended sees its capacity back.
+        if status.is_none_or(|s| s.code().is_none()) {
+            self.gc();
+        }
         let outcome: Option<Value> = read_json(&self.dir(name).join("outcome.json"));
         let restart = {
             let mut vms = self.lock();
@@ -529,10 +534,6 @@ impl Supervisor {
             }
         };
         self.changed.notify_all();
-        // A process that was killed could not release its claim.
-        if status.is_none_or(|s| s.code().is_none()) {
-            self.gc();
-        }
         if let Some(backoff) = restart {
             log::info!("VM {name} ended; starting it again in {backoff:?}");
             std::thread::sleep(backoff);
