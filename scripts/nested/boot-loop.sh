@@ -6,10 +6,11 @@
 #   scripts/test-nested-kvm.sh --script scripts/nested/boot-loop.sh
 #
 # RUNS (default 30) boots per case, one after the other; CASES picks some
-# (default: all). A boot counts as good when /init's command ran, its last
-# line was the expected end and minivmm's JSON says the matching reason.
-# Each bad boot's console is printed. Exit status: the number of bad boots
-# (0: none lost), at most 100.
+# (default: all); EXTRA_FLAGS go to every `minivmm run` (e.g. --no-pit, or
+# --irqchip kernel); TIMEOUT (default 300s) bounds each boot. A boot counts as
+# good when /init's command ran, its last line was the expected end and
+# minivmm's JSON says the matching reason. Each bad boot's console is printed.
+# Exit status: the number of bad boots (0: none lost), at most 100.
 RUNS=${RUNS:-30}
 CASES=${CASES:-"elf4 bz4 acpi4 debian3"}
 CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1"
@@ -22,7 +23,7 @@ one_case() { # name kernel initrd vcpus memory end reason
     while [ "$i" -le "$RUNS" ]; do
         start=$(date +%s)
         $MINIVMM_BIN run --no-ledger --kernel "$kernel" --initrd "$initrd" \
-            --cmdline "$CMDLINE" --vcpus "$vcpus" --memory "$mem" --timeout 300s \
+            --cmdline "$CMDLINE" --vcpus "$vcpus" --memory "$mem" --timeout "${TIMEOUT:-300s}" ${EXTRA_FLAGS:-} \
             --json --serial-out /tmp/console.txt >/tmp/summary.json 2>/tmp/stderr.txt
         status=$?
         secs=$(( $(date +%s) - start ))

@@ -7,7 +7,7 @@ use kvm_ioctls::{Cap, Kvm};
 pub const KVM_API_VERSION: i32 = 12;
 
 /// Capabilities minivmm relies on, with what each is for.
-pub const REQUIRED_CAPS: [(Cap, &str, &str); 6] = [
+pub const REQUIRED_CAPS: [(Cap, &str, &str); 7] = [
     (
         Cap::UserMemory,
         "KVM_CAP_USER_MEMORY",
@@ -19,6 +19,11 @@ pub const REQUIRED_CAPS: [(Cap, &str, &str); 6] = [
         "in-kernel PIC, IOAPIC and LAPICs",
     ),
     (Cap::Pit2, "KVM_CAP_PIT2", "in-kernel PIT timer"),
+    (
+        Cap::SplitIrqchip,
+        "KVM_CAP_SPLIT_IRQCHIP",
+        "LAPICs in KVM, IOAPIC and PIT in minivmm: --irqchip split",
+    ),
     (
         Cap::Irqfd,
         "KVM_CAP_IRQFD",
