@@ -1,7 +1,8 @@
-//! Every port a guest can write: COM1, the i8042 controller, CMOS/RTC, ACPI PM and
-//! whatever else lies on the port bus. Any sequence of IN and OUT instructions of
-//! any width must leave minivmm standing (no panic, no overflow), whatever state
-//! the devices reach.
+//! Every port a guest can write: COM1, the i8042 controller, CMOS/RTC, ACPI PM, the
+//! split irqchip's 8254 PIT (its counters and port 0x61; the timer thread is not
+//! started) and whatever else lies on the port bus. Any sequence of IN and OUT
+//! instructions of any width must leave minivmm standing (no panic, no overflow),
+//! whatever state the devices reach.
 //!
 //! Input: 5 bytes per access — port (u16), flags (bit 7: IN, else OUT; bits 0–1:
 //! 1, 2 or 4 bytes), and two bytes of data repeated to the width.
@@ -9,7 +10,7 @@
 
 use std::sync::Mutex;
 
-use minivmm::vmm::devices::{self, Devices, i8042::I8042, serial};
+use minivmm::vmm::devices::{self, Devices, i8042::I8042, pit::Pit, serial};
 use vmm_sys_util::eventfd::EventFd;
 
 fn eventfd() -> EventFd {
@@ -23,6 +24,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         cmos: Default::default(),
         acpi_pm: Default::default(),
         mmio: Default::default(),
+        ioapic: None,
+        pit: Some(Pit::new(eventfd())),
     };
     for op in data.chunks_exact(5) {
         let port = u16::from_le_bytes([op[0], op[1]]);
