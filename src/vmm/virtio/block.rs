@@ -307,9 +307,14 @@ impl Block {
             );
             return S_IOERR;
         }
+        // The request's buffers, as one list for a single preadv/pwritev: a 1 MiB
+        // O_DIRECT request comes as up to 254 page-sized segments, and a system
+        // call per segment made sequential I/O 1.2-1.5x slower than QEMU's (one
+        // vectored call per request) in the nested benchmark. Neighbours that are
+        // contiguous in our mapping of guest RAM are merged.
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(segs.len());
         let mut skip = if to_disk { 16u64 } else { 0 };
         let mut left = len;
-        let mut pos = start;
         for &(addr, seg_len) in segs {
             if left == 0 {
                 break;
@@ -323,32 +328,41 @@ impl Block {
             let Ok(slice) = mem.get_slice(addr.unchecked_add(skip), n as usize) else {
                 return S_IOERR;
             };
-            let ptr = slice.ptr_guard_mut().as_ptr();
             // The guest may change this memory while the host reads or writes it,
-            // so it is never made a Rust slice: the kernel copies it (pread/pwrite).
-            let r = if to_disk {
-                pwrite_all(&self.disk.file, ptr, n as usize, pos)
-            } else {
-                pread_all(&self.disk.file, ptr, n as usize, pos)
-            };
-            if let Err(e) = r {
-                crate::vmm::ratelimit::warn_limited!(
-                    "virtio-blk {}: I/O at byte {pos}: {e}",
-                    self.disk.path.display()
-                );
-                return S_IOERR;
+            // so it is never made a Rust slice: the kernel copies it.
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            match iov.last_mut() {
+                Some(last)
+                    if (last.iov_base as usize).wrapping_add(last.iov_len) == ptr as usize =>
+                {
+                    last.iov_len += n as usize;
+                }
+                _ => iov.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: n as usize,
+                }),
             }
-            let counter = if to_disk {
-                &self.counters.write_bytes
-            } else {
-                &self.counters.read_bytes
-            };
-            counter.fetch_add(n, Ordering::Relaxed);
-            pos += n;
             left -= n;
             skip = 0;
         }
-        if left != 0 { S_IOERR } else { S_OK }
+        if left != 0 {
+            log::debug!("virtio-blk: buffers shorter than the request ({left} bytes missing)");
+            return S_IOERR;
+        }
+        if let Err(e) = transfer_all(&self.disk.file, &mut iov, start, to_disk) {
+            crate::vmm::ratelimit::warn_limited!(
+                "virtio-blk {}: I/O of {len} bytes at byte {start}: {e}",
+                self.disk.path.display()
+            );
+            return S_IOERR;
+        }
+        let counter = if to_disk {
+            &self.counters.write_bytes
+        } else {
+            &self.counters.read_bytes
+        };
+        counter.fetch_add(len, Ordering::Relaxed);
+        S_OK
     }
 
     /// DISCARD or WRITE_ZEROES: one segment {sector u64, num_sectors u32, flags u32}.
@@ -384,52 +398,60 @@ impl Block {
     }
 }
 
-/// pread(2) until `len` bytes are in guest memory at `ptr`; the image is never
-/// shorter than a request (sizes are checked), so an early end of file is an error.
-fn pread_all(f: &File, ptr: *mut u8, len: usize, pos: u64) -> std::io::Result<()> {
-    repeat_io(len, "the image ended early (was it truncated?)", |done| {
-        // SAFETY: `ptr..ptr+len` is mapped guest RAM (checked by get_slice) that
-        // outlives the call; the kernel writes at most `len - done` bytes there.
-        unsafe {
-            libc::pread(
-                f.as_raw_fd(),
-                ptr.add(done).cast(),
-                len - done,
-                (pos + done as u64) as libc::off_t,
-            )
-        }
-    })
-}
+/// Most buffers one preadv/pwritev takes (IOV_MAX on Linux).
+const IOV_MAX: usize = 1024;
 
-/// pwrite(2) until `len` bytes of guest memory at `ptr` are in the image.
-fn pwrite_all(f: &File, ptr: *const u8, len: usize, pos: u64) -> std::io::Result<()> {
-    repeat_io(len, "the host wrote nothing (disk full?)", |done| {
-        // SAFETY: `ptr..ptr+len` is mapped guest RAM (checked by get_slice) that
-        // outlives the call; the kernel only reads it.
-        unsafe {
-            libc::pwrite(
-                f.as_raw_fd(),
-                ptr.add(done).cast(),
-                len - done,
-                (pos + done as u64) as libc::off_t,
-            )
+/// preadv(2) (or pwritev(2) when `to_disk`) from `pos` until every buffer in
+/// `iov` is done: short transfers go on where they stopped, EINTR retries, and a
+/// transfer of nothing is an error (the image is never shorter than a request, so
+/// it means the file was truncated, or the host disk is full).
+fn transfer_all(
+    f: &File,
+    iov: &mut [libc::iovec],
+    mut pos: u64,
+    to_disk: bool,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &iov[first..];
+        let count = rest.len().min(IOV_MAX) as libc::c_int;
+        // SAFETY: every iovec points into mapped guest RAM (checked by get_slice)
+        // that outlives the call; the kernel reads (pwritev) or writes (preadv) at
+        // most the lengths given.
+        let r = unsafe {
+            if to_disk {
+                libc::pwritev(f.as_raw_fd(), rest.as_ptr(), count, pos as libc::off_t)
+            } else {
+                libc::preadv(f.as_raw_fd(), rest.as_ptr(), count, pos as libc::off_t)
+            }
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
         }
-    })
-}
-
-/// Calls `op(done)` until `len` bytes are done: short transfers continue, EINTR
-/// retries, a zero-byte transfer is the error `zero`.
-fn repeat_io(len: usize, zero: &str, mut op: impl FnMut(usize) -> isize) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < len {
-        match op(done) {
-            0 => return Err(std::io::Error::other(zero.to_string())),
-            r if r > 0 => done += r as usize,
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
+        if r == 0 {
+            return Err(std::io::Error::other(if to_disk {
+                "the host wrote nothing (disk full?)"
+            } else {
+                "the image ended early (was it truncated?)"
+            }));
+        }
+        pos += r as u64;
+        // Step past what was done: whole buffers, then part of the next one.
+        let mut done = r as usize;
+        while done > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if done >= v.iov_len {
+                done -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: `done` < iov_len, so the new base stays inside the buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(done) }.cast();
+                v.iov_len -= done;
+                done = 0;
             }
         }
     }
@@ -509,5 +531,66 @@ impl VirtioDevice for Block {
 
     fn report(&self) -> (&'static str, Option<String>) {
         ("virtio-blk", Some(self.disk.path.display().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn scratch(name: &str, bytes: &[u8]) -> (std::path::PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("minivmm-blk-{}-{name}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(bytes).unwrap();
+        (path, f)
+    }
+
+    /// `n` buffers of `size` bytes each, side by side in `buf` but never merged
+    /// (one byte of gap between them), so the loop must walk past IOV_MAX.
+    fn iovecs(buf: &mut [u8], n: usize, size: usize) -> Vec<libc::iovec> {
+        (0..n)
+            .map(|i| libc::iovec {
+                iov_base: buf[i * (size + 1)..].as_mut_ptr().cast(),
+                iov_len: size,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vectored_io_moves_every_buffer_past_iov_max() {
+        let (n, size) = (IOV_MAX * 2 + 37, 5);
+        let data: Vec<u8> = (0..n * size).map(|i| (i % 251) as u8).collect();
+        let (path, f) = scratch("read", &data);
+        let mut buf = vec![0u8; n * (size + 1)];
+        let mut iov = iovecs(&mut buf, n, size);
+        transfer_all(&f, &mut iov, 0, false).unwrap();
+        let got: Vec<u8> = buf
+            .chunks(size + 1)
+            .flat_map(|c| c[..size].to_vec())
+            .collect();
+        assert_eq!(got, data);
+        // And back out, at an offset, through pwritev.
+        let mut iov = iovecs(&mut buf, n, size);
+        transfer_all(&f, &mut iov, 3, true).unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[3..], &data[..]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_short_image_is_an_error_not_a_hang() {
+        let (path, f) = scratch("short", &[7u8; 100]);
+        let mut buf = vec![0u8; 4 * 65];
+        let mut iov = iovecs(&mut buf, 4, 64);
+        let e = transfer_all(&f, &mut iov, 0, false).unwrap_err();
+        assert!(e.to_string().contains("ended early"), "{e}");
+        std::fs::remove_file(path).unwrap();
     }
 }
