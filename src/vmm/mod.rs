@@ -611,6 +611,21 @@ impl VmHandle {
         // and again until every one has left KVM_RUN (a signal that lands just before
         // KVM_RUN would be missed, hence the repeat), and only then join them.
         vm.shared.stop.store(true, Ordering::Release);
+        if matches!(end, End::Timeout) {
+            // A guest that ran out of time is often waiting on a device: say where
+            // each one stands, and whether its IOAPIC pin was masked (bit 16).
+            for d in &vm.virtio {
+                let pin = d.slot().irq as usize;
+                let rte = vm
+                    .shared
+                    .devices
+                    .ioapic
+                    .as_ref()
+                    .and_then(|io| io.entry(pin));
+                let rte = rte.map_or(String::new(), |e| format!(", IOAPIC entry {e:#x}"));
+                log::warn!("at the timeout, {}{rte}", d.describe_queues());
+            }
+        }
         for d in &vm.virtio {
             d.halt();
         }
