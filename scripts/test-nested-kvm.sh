@@ -17,6 +17,12 @@
 #                      benchmarks; /nested/env holds the guests' variables)
 #   --with-qemu        copy qemu-system-x86_64, its libraries and firmware in
 #   --env K=V          set K=V in the environment of the tests or script inside
+#   --outer-qemu Q     the QEMU that runs the outer VM: system (default:
+#                      Debian 12's own, 7.2), backports (QEMU 10 from Debian's
+#                      bookworm-backports, fetched into the cache by
+#                      scripts/fetch-qemu.sh: its SVM emulation honours the
+#                      XSETBV intercept that 7.2 ignores) or the path of a
+#                      qemu-system-x86_64
 #   --tcg MODE         QEMU's TCG threading: multi (default: a host thread per
 #                      outer vCPU) or single (one thread for both)
 #   --test-threads N   tests run at once inside (default 1: one VM at a time)
@@ -71,6 +77,7 @@ irqchips="split kernel"
 tests="linux acpi_linux guest_basic guest_io guest_memory guest_smp guest_virtio guest_virtiofs linux_virtio exec"
 script=""
 with_qemu=false
+outer_qemu=system
 extra_env=()
 memory=12G
 tcg=multi
@@ -88,6 +95,7 @@ while [ "$#" -gt 0 ]; do
         --irqchips) [[ "${2:-}" =~ ^(split|kernel)( (split|kernel))*$ ]] || die "--irqchips needs modes, e.g. --irqchips 'split kernel'"; irqchips="$2"; shift 2 ;;
         --script) [ "$#" -ge 2 ] || die "--script needs a file"; script="$(realpath "$2")"; shift 2 ;;
         --with-qemu) with_qemu=true; shift ;;
+        --outer-qemu) [ "$#" -ge 2 ] || die "--outer-qemu needs backports, system or a path"; outer_qemu="$2"; shift 2 ;;
         --env) [[ "${2:-}" == [A-Za-z_]*=* ]] || die "--env needs NAME=VALUE"; extra_env+=("$2"); shift 2 ;;
         --tcg) [[ "${2:-}" =~ ^(single|multi)$ ]] || die "--tcg takes single or multi"; tcg="$2"; shift 2 ;;
         --test-threads) [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--test-threads needs a count"; test_threads="$2"; shift 2 ;;
@@ -117,6 +125,20 @@ step() { log "step: $*"; }
 step "packages (qemu-system-x86, cpio, e2fsprogs)"
 ensure_debs qemu-system-x86 cpio e2fsprogs
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is not on PATH after installing qemu-system-x86"
+# The outer VM's QEMU, and where it finds its firmware (-L).
+outer_dirs=()
+case "$outer_qemu" in
+    system) outer_bin="$(command -v qemu-system-x86_64)" ;;
+    backports)
+        step "QEMU for the outer VM (scripts/fetch-qemu.sh)"
+        out="$(scripts/fetch-qemu.sh)" || die "fetching QEMU from bookworm-backports failed (above); --outer-qemu system uses Debian 12's"
+        outer_bin="$(sed -n 's/^qemu=//p' <<<"$out")"
+        outer_dirs=(-L "$(sed -n 's/^datadir=//p' <<<"$out")" -L /usr/share/seabios)
+        ;;
+    *) outer_bin="$outer_qemu" ;;
+esac
+[ -x "$outer_bin" ] || die "the outer VM's QEMU $outer_bin is not an executable file"
+log "outer VM: $("$outer_bin" --version | head -n 1)"
 command -v python3 >/dev/null || die "python3 is needed to read cargo's build plan; install python3"
 
 step "minivmm and the test binaries (cargo test --release --no-run)"
@@ -369,7 +391,7 @@ boot_outer() {
     local left=$((deadline - $(date +%s)))
     {
         timeout --foreground -k 10 "$left" \
-            qemu-system-x86_64 -accel tcg,thread="$tcg" -cpu EPYC-Rome,+svm,+npt \
+            "$outer_bin" "${outer_dirs[@]}" -accel tcg,thread="$tcg" -cpu EPYC-Rome,+svm,+npt \
             -smp "$cpus" -m "$memory" -display none -monitor none -serial stdio -no-reboot \
             -pidfile "$work/qemu.pid" -kernel "$l1_kernel" -initrd "$work/initramfs.cpio" \
             -append "console=ttyS0 panic=-1 loglevel=3 rdinit=/init $resume" </dev/null 2>"$work/qemu.stderr"
