@@ -492,6 +492,9 @@ pub fn run(mut vcpu: VcpuFd, id: u32, shared: Arc<VcpuShared>) -> (VcpuEnd, Exit
             }
             Step::End(kind, end) => {
                 stats.record(kind, t0.elapsed());
+                if matches!(end, VcpuEnd::TripleFault) {
+                    log_triple_fault(&vcpu, id);
+                }
                 end
             }
             Step::Internal => {
@@ -604,6 +607,31 @@ fn internal_error_report(vcpu: &mut VcpuFd) -> String {
         ie.suberror,
         &ie.data[..n]
     )
+}
+
+/// Logs where vCPU `id` stood when it triple-faulted. After KVM_EXIT_SHUTDOWN its
+/// registers are those of the fault that could not be delivered: RIP and CR2 name
+/// the instruction and address, the IDT's base and limit whether it had one at all.
+/// Which vCPU it was tells an AP's start-up from the boot CPU's own work.
+fn log_triple_fault(vcpu: &VcpuFd, id: u32) {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => log::warn!(
+            "vCPU {id} triple-faulted: rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} \
+             cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cs.selector,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.idt.base,
+            s.idt.limit
+        ),
+        _ => log::warn!("vCPU {id} triple-faulted; its registers could not be read"),
+    }
 }
 
 fn failure(vcpu: &VcpuFd, id: u32, reason: String, mem: &GuestMemoryMmap) -> VcpuEnd {
