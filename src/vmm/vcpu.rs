@@ -609,12 +609,17 @@ fn internal_error_report(vcpu: &mut VcpuFd) -> String {
     )
 }
 
-/// Logs where vCPU `id` stood when it triple-faulted. After KVM_EXIT_SHUTDOWN its
-/// registers are those of the fault that could not be delivered: RIP and CR2 name
+/// Logs which vCPU triple-faulted and, where KVM kept them, its registers. On Intel
+/// (VMX) they are those of the fault that could not be delivered: RIP and CR2 name
 /// the instruction and address, the IDT's base and limit whether it had one at all.
-/// Which vCPU it was tells an AP's start-up from the boot CPU's own work.
+/// On AMD (SVM) the VMCB is undefined after a shutdown intercept, so KVM INITs the
+/// vCPU before exiting (svm.c, shutdown_interception) and only the vCPU's number is
+/// left: which one it was still tells an AP from the boot CPU.
 fn log_triple_fault(vcpu: &VcpuFd, id: u32) {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => log::warn!(
+            "vCPU {id} triple-faulted; KVM reset its registers (AMD), so where is unknown"
+        ),
         (Ok(r), Ok(s)) => log::warn!(
             "vCPU {id} triple-faulted: rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} \
              cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x}",
