@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch a newer QEMU than Debian 12 ships, for the outer VM of
-# scripts/test-nested-kvm.sh: qemu-system-x86 from Debian's bookworm-backports
+# scripts/test-nested-kvm.sh (its default): qemu-system-x86 from Debian's bookworm-backports
 # (QEMU 10 at the time of writing; Debian 12 itself has 7.2), unpacked with
 # `dpkg -x` into the cache. Nothing is installed and the machine's apt
 # configuration is left alone: apt reads a sources list and package lists of
@@ -80,7 +80,7 @@ if [ -z "$dir" ]; then
         die "apt-get update of $suite failed; check the network (deb.debian.org must be reachable)"
     version="$(apt_private apt-cache policy qemu-system-x86 2>/dev/null |
         awk '$1 == "Candidate:" && $2 != "(none)" { print $2 }')"
-    [ -n "$version" ] || die "$suite has no qemu-system-x86; use the system's QEMU (test-nested-kvm.sh --outer-qemu system, the default)"
+    [ -n "$version" ] || die "$suite has no qemu-system-x86; use the system's QEMU (test-nested-kvm.sh --outer-qemu system)"
     dir="$base/${version//:/_}" # no colon: QEMU option values split on it
     tmp="$(mktemp -d "$base/.download.XXXXXX")"
     log "downloading ${packages[*]} $version from $suite"

@@ -17,11 +17,12 @@
 #                      benchmarks; /nested/env holds the guests' variables)
 #   --with-qemu        copy qemu-system-x86_64, its libraries and firmware in
 #   --env K=V          set K=V in the environment of the tests or script inside
-#   --outer-qemu Q     the QEMU that runs the outer VM: system (default:
-#                      Debian 12's own, 7.2), backports (QEMU 10 from Debian's
-#                      bookworm-backports, fetched into the cache by
-#                      scripts/fetch-qemu.sh: its SVM emulation honours the
-#                      XSETBV intercept that 7.2 ignores) or the path of a
+#   --outer-qemu Q     the QEMU that runs the outer VM: backports (default:
+#                      QEMU 10 from Debian's bookworm-backports, fetched into
+#                      the cache by scripts/fetch-qemu.sh: its SVM emulation
+#                      honours the XSETBV intercept, inner Linux boots take
+#                      3-8 s instead of 10-50, and its outer VMs crashed far
+#                      less), system (Debian 12's own 7.2) or the path of a
 #                      qemu-system-x86_64
 #   --tcg MODE         QEMU's TCG threading: multi (default: a host thread per
 #                      outer vCPU) or single (one thread for both)
@@ -77,7 +78,7 @@ irqchips="split kernel"
 tests="linux acpi_linux guest_basic guest_io guest_memory guest_smp guest_virtio guest_virtiofs linux_virtio exec"
 script=""
 with_qemu=false
-outer_qemu=system
+outer_qemu=backports
 extra_env=()
 memory=12G
 tcg=multi
@@ -382,6 +383,11 @@ rm -rf "$root"
 # "[ seconds ]" stamp; the tests' output does not.
 outer_fault='^\[ *[0-9.]+\] (watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall|BUG: |Kernel panic)'
 
+# nohz=off keeps the outer kernel's tick running on idle CPUs. Inner guests
+# stalled for good with a vCPU thread runnable (state R) in kvm_vcpu_block and
+# never scheduled, surviving even SIGKILL: the wake-up IPI to an idle outer CPU
+# was lost under TCG's emulated SVM, and a tickless idle CPU sleeps until the
+# next IPI. With the tick, a lost IPI costs at most one tick (4 ms).
 # Boot the outer VM once; its console goes to stdout and to $console. A console
 # silent for $idle seconds means the outer VM hangs (its /init prints a heartbeat
 # every 30 s, whatever the tests do): it is stopped.
@@ -394,7 +400,7 @@ boot_outer() {
             "$outer_bin" "${outer_dirs[@]}" -accel tcg,thread="$tcg" -cpu EPYC-Rome,+svm,+npt \
             -smp "$cpus" -m "$memory" -display none -monitor none -serial stdio -no-reboot \
             -pidfile "$work/qemu.pid" -kernel "$l1_kernel" -initrd "$work/initramfs.cpio" \
-            -append "console=ttyS0 panic=-1 loglevel=3 rdinit=/init $resume" </dev/null 2>"$work/qemu.stderr"
+            -append "console=ttyS0 panic=-1 loglevel=3 nohz=off rdinit=/init $resume" </dev/null 2>"$work/qemu.stderr"
         echo $? >"$work/qemu.status"
     } | tee "$console" &
     local pipe=$!
