@@ -511,9 +511,7 @@ impl VirtioMmio {
             broken: self.was_broken.load(Ordering::Relaxed),
         }
     }
-}
 
-impl VirtioMmio {
     /// Where the device's queues stand, in one line, for a VM that ended by its
     /// timeout: it tells a guest that never kicked (avail = next, used = avail,
     /// nothing pending) from a kick the device never saw (avail ahead of next) and
