@@ -7,6 +7,7 @@
 //! segment copies, initrd placement and every boot structure.
 #![no_main]
 
+use minivmm::vmm::memory::GuestRam;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::OnceLock;
@@ -14,12 +15,11 @@ use std::sync::OnceLock;
 use minivmm::VmConfig;
 use minivmm::vmm::boot;
 use minivmm::vmm::memory::create_guest_memory;
-use vm_memory::GuestMemoryMmap;
 
 const MEMORY_MIB: u64 = 64;
 
 struct Setup {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     file: std::fs::File,
     path: String,
 }

@@ -17,7 +17,8 @@ use std::sync::OnceLock;
 use minivmm::vmm::devices::mmio::{MmioDevice, MmioSlot};
 use minivmm::vmm::memory::create_guest_memory;
 use minivmm::vmm::virtio::{VirtioDevice, VirtioMmio, block, console, fs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use minivmm::vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest RAM the rings and buffers live in, from RAM_BASE.
@@ -28,7 +29,7 @@ const AVAIL: u64 = 0x3000;
 const USED: u64 = 0x5000;
 
 struct Setup {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     disk_path: String,
     share: PathBuf,
     _disk: std::fs::File,

@@ -3,10 +3,29 @@
 //!
 //! x86 PCs keep the top of the 32-bit address space for devices (the LAPIC at
 //! 0xfee00000, the IOAPIC at 0xfec00000, PCI BARs), so RAM beyond 3 GiB is placed
-//! above 4 GiB. Memory is anonymous and mapped with MAP_NORESERVE by vm-memory: a page
-//! costs host memory only once the guest touches it.
+//! above 4 GiB. Memory is anonymous and mapped with MAP_NORESERVE: a page costs host
+//! memory only once the guest touches it.
+//!
+//! Each RAM range starts on a 2 MiB boundary of the host's address space and is
+//! advised for transparent huge pages (madvise MADV_HUGEPAGE), as QEMU and Cloud
+//! Hypervisor do. KVM maps a guest-physical 2 MiB page with one large second-level
+//! (EPT/NPT) entry only when the host page behind it is huge *and* the guest and host
+//! addresses agree modulo 2 MiB (the slot's alignment check in KVM's
+//! `kvm_alloc_memslot_metadata`); a plain mmap is only page-aligned, so every guest
+//! page would then fault in, and miss the TLB, 4 KiB at a time.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::io;
+use std::sync::Arc;
+use vm_memory::bitmap::{Bitmap, NewBitmap, WithBitmapSlice};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Host alignment of guest RAM: the x86-64 huge page (a 2 MiB page-directory entry).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Guest RAM as the rest of the VMM uses it: vm-memory's mmap-backed guest memory whose
+/// regions own their mappings through [`RamOwner`].
+pub type GuestRam = GuestMemoryMmap<RamOwner>;
 
 /// Start of the 32-bit MMIO gap: RAM stops here below 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
@@ -76,9 +95,124 @@ pub enum MemoryError {
     Map {
         /// Requested size in MiB.
         mib: u64,
-        /// What vm-memory reported.
-        source: vm_memory::mmap::FromRangesError,
+        /// What mmap reported.
+        source: io::Error,
     },
+    /// vm-memory refused the mapped ranges (overlapping or empty: a bug here).
+    #[error("cannot describe {mib} MiB of guest memory to vm-memory: {reason}")]
+    Layout {
+        /// Requested size in MiB.
+        mib: u64,
+        /// What vm-memory reported.
+        reason: String,
+    },
+}
+
+/// One host mapping of guest RAM, unmapped when the last region using it is dropped.
+#[derive(Debug)]
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the pointer is only handed to munmap, once, on drop; no data is reached
+// through it here.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` gives no access to the memory.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of anonymous memory starting on a [`HUGE_PAGE`] boundary: a
+    /// reservation `HUGE_PAGE` longer is made without access, the aligned part is
+    /// mapped over it with MAP_FIXED, and the slack on either side is returned.
+    fn aligned(len: usize) -> io::Result<Mapping> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let span = len + HUGE_PAGE;
+        // SAFETY: a fresh mapping chosen by the kernel; nothing else refers to it.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), span, libc::PROT_NONE, flags, -1, 0) };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = (base as usize).next_multiple_of(HUGE_PAGE);
+        let head = start - base as usize;
+        // SAFETY: [start, start + len) lies inside the reservation just made, which
+        // only this function knows of, so MAP_FIXED replaces nothing of anyone else's.
+        let addr = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // SAFETY: the whole reservation is ours.
+            unsafe { libc::munmap(base, span) };
+            return Err(e);
+        }
+        // SAFETY: both pieces are parts of our reservation outside [start, start + len).
+        unsafe {
+            if head > 0 {
+                libc::munmap(base, head);
+            }
+            libc::munmap((start + len) as *mut libc::c_void, span - head - len);
+        }
+        // Advice only: on a kernel without THP this fails and RAM stays in 4 KiB pages.
+        // SAFETY: madvise on our own mapping changes no contents.
+        if unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) } != 0 {
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+                io::Error::last_os_error()
+            );
+        }
+        Ok(Mapping { addr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `aligned` and is unmapped only here, when the
+        // last vm-memory region referring to it (through `RamOwner`) has gone.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// What ties a guest RAM mapping's lifetime to vm-memory's regions.
+///
+/// vm-memory unmaps only mappings it made itself, and it cannot align them; a mapping
+/// made here is handed to it as a raw pointer, which it never unmaps. So each region
+/// carries an `Arc` of its [`Mapping`] in the slot vm-memory keeps for a dirty-page
+/// bitmap (this one tracks nothing): the mapping lives exactly as long as some copy of
+/// the guest memory does, in a vCPU thread, a device or the VM.
+#[derive(Clone, Debug, Default)]
+pub struct RamOwner {
+    /// Held only to be dropped with the region; None when vm-memory owns the mapping.
+    _mapping: Option<Arc<Mapping>>,
+}
+
+impl WithBitmapSlice<'_> for RamOwner {
+    type S = ();
+}
+
+impl Bitmap for RamOwner {
+    fn mark_dirty(&self, _offset: usize, _len: usize) {}
+
+    fn dirty_at(&self, _offset: usize) -> bool {
+        false
+    }
+
+    fn slice_at(&self, _offset: usize) {}
+}
+
+/// Lets vm-memory's own constructors (`from_ranges`, used by some tests) build a
+/// `GuestRam` whose mappings vm-memory owns itself.
+impl NewBitmap for RamOwner {
+    fn with_len(_len: usize) -> Self {
+        RamOwner { _mapping: None }
+    }
 }
 
 /// The RAM ranges (start, length) for `mib` MiB of guest memory: one below the MMIO
@@ -92,13 +226,34 @@ pub fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
     }
 }
 
-/// Maps guest RAM (not prefaulted).
-pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mib)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+/// Maps guest RAM (not prefaulted), each range 2 MiB-aligned and advised for huge pages.
+pub fn create_guest_memory(mib: u64) -> Result<GuestRam, MemoryError> {
+    let layout = |e: &dyn std::fmt::Display| MemoryError::Layout {
+        mib,
+        reason: e.to_string(),
+    };
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(mib) {
+        let len = len as usize;
+        let mapping = Mapping::aligned(len).map_err(|source| MemoryError::Map { mib, source })?;
+        let addr = mapping.addr as *mut u8;
+        // SAFETY: [addr, addr + len) is the live mapping `mapping`, which the region's
+        // RamOwner keeps alive for as long as the region exists.
+        let region = unsafe {
+            let owner = RamOwner {
+                _mapping: Some(Arc::new(mapping)),
+            };
+            MmapRegionBuilder::new_with_bitmap(len, owner).with_raw_mmap_pointer(addr)
+        }
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| layout(&e))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(start))
+            .ok_or_else(|| layout(&"a range overflows the guest address space"))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| layout(&e))
 }
 
 /// The memory map the guest sees (e820 for Linux boot, the PVH memmap for PVH): RAM
@@ -169,5 +324,31 @@ mod tests {
         assert_eq!(last.addr, 4 << 30);
         assert_eq!(last.size, 2 << 30);
         assert_eq!(low_ram_end(5 * 1024), MMIO_GAP_START);
+    }
+
+    /// Each range's host mapping starts on a 2 MiB boundary (so KVM can map it with
+    /// large pages), is readable and writable to its last byte, and outlives the
+    /// `GuestRam` it came from in a clone.
+    #[test]
+    fn ram_is_huge_page_aligned_and_lives_with_its_clones() {
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+        let mem = create_guest_memory(5 * 1024).unwrap();
+        let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
+        for r in mem.iter() {
+            let host = r.as_ptr() as usize;
+            assert_eq!(
+                host % HUGE_PAGE,
+                0,
+                "region at {:#x} mapped at {host:#x}",
+                r.start_addr().0
+            );
+        }
+        let last = GuestAddress((6 << 30) - 8);
+        mem.write_obj(0x1234_5678_u64, last).unwrap();
+        let copy = mem.clone();
+        drop(mem);
+        assert_eq!(copy.read_obj::<u64>(last).unwrap(), 0x1234_5678);
+        assert_eq!(copy.read_obj::<u64>(GuestAddress(0)).unwrap(), 0);
     }
 }

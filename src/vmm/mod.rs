@@ -25,11 +25,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::vmm::memory::GuestRam;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use boot::{BootInfo, KernelFormat};
@@ -780,7 +781,7 @@ fn virtio_devices(
     vm: &VmFd,
     backends: Vec<Box<dyn virtio::VirtioDevice>>,
     slots: &[MmioSlot],
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
 ) -> Result<(devices::mmio::MmioBus, Vec<Arc<virtio::VirtioMmio>>), VmError> {
     let os = |what| move |source| VmError::Os { what, source };
     let mut bus = devices::mmio::MmioBus::default();
@@ -808,7 +809,7 @@ fn virtio_devices(
 }
 
 /// Hands each RAM range to KVM (KVM_SET_USER_MEMORY_REGION, one slot per range).
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+fn register_memory(vm: &VmFd, mem: &GuestRam) -> Result<(), VmError> {
     for r in memory_slots(mem) {
         // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM fd:
         // in `Vm` the fd field drops before `shared` (which holds `mem`), and on
@@ -829,7 +830,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 /// (examples/exit_floor.rs --delete-slots). Only without a PIT: the PIT's own teardown
 /// then takes longer than the wait it saves. Failures only cost time, so they are
 /// logged, not returned.
-fn delete_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) {
+fn delete_memory_slots(vm: &VmFd, mem: &GuestRam) {
     for r in memory_slots(mem) {
         let r = kvm_userspace_memory_region {
             memory_size: 0,
@@ -844,7 +845,7 @@ fn delete_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) {
 }
 
 /// One KVM memory slot per RAM range of `mem`, numbered from 0.
-fn memory_slots(mem: &GuestMemoryMmap) -> impl Iterator<Item = kvm_userspace_memory_region> {
+fn memory_slots(mem: &GuestRam) -> impl Iterator<Item = kvm_userspace_memory_region> {
     mem.iter()
         .enumerate()
         .map(|(slot, region)| kvm_userspace_memory_region {

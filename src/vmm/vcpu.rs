@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::vmm::memory::GuestRam;
 use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::boot::{EntryPoint, x86};
 use super::devices::{DeviceEvent, Devices};
@@ -151,7 +152,7 @@ pub struct VcpuShared {
     /// Set when the VM is ending: each thread checks it before re-entering the guest.
     pub stop: AtomicBool,
     /// Guest memory, to read code bytes for failure reports.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// Log every exit.
     pub trace: bool,
 }
@@ -639,7 +640,7 @@ fn log_triple_fault(vcpu: &VcpuFd, id: u32) {
     }
 }
 
-fn failure(vcpu: &VcpuFd, id: u32, reason: String, mem: &GuestMemoryMmap) -> VcpuEnd {
+fn failure(vcpu: &VcpuFd, id: u32, reason: String, mem: &GuestRam) -> VcpuEnd {
     let (registers, code_at_rip) = match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => {
             let text = format!(

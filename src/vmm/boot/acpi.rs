@@ -25,6 +25,7 @@
 //! initialization (tbxfload-52)") and Linux turns ACPI off, power-off included.
 //! scripts/linux/acpi.config says where in the source.
 
+use crate::vmm::memory::GuestRam;
 use acpi_tables::Aml;
 use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, Scope};
 use acpi_tables::facs::FACS;
@@ -33,7 +34,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::mptable::{APIC_ADDR, IOAPIC_ADDR};
 use crate::vmm::devices::acpi_pm;
@@ -163,12 +164,7 @@ pub fn build(vcpus: u32, devices: &[MmioSlot], pic: bool) -> Result<Vec<Table>, 
 }
 
 /// Writes the tables into guest memory; the RSDP lands at [`RSDP_ADDR`].
-pub fn write(
-    mem: &GuestMemoryMmap,
-    vcpus: u32,
-    devices: &[MmioSlot],
-    pic: bool,
-) -> Result<(), AcpiError> {
+pub fn write(mem: &GuestRam, vcpus: u32, devices: &[MmioSlot], pic: bool) -> Result<(), AcpiError> {
     for t in build(vcpus, devices, pic)? {
         mem.write_slice(&t.bytes, GuestAddress(t.addr))
             .map_err(|_| AcpiError::Write)?;

@@ -2,8 +2,9 @@
 //! the e820 memory map, command line and initrd location, handed to a bzImage or an
 //! ELF kernel entered in 64-bit mode (RSI points at it).
 
+use crate::vmm::memory::GuestRam;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{BootError, BootInfo};
 use crate::vmm::config::VmConfig;
@@ -20,7 +21,7 @@ const HDRS_MAGIC: u32 = 0x5372_6448;
 /// Writes `boot_params` at [`layout::ZERO_PAGE`]. For a bzImage, `header` is its own
 /// setup header (copied as boot.rst asks); for an ELF, a minimal one is made up.
 pub fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     config: &VmConfig,
     info: &BootInfo,
     header: Option<setup_header>,

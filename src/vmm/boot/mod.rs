@@ -21,9 +21,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use crate::vmm::memory::GuestRam;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::config::VmConfig;
 use super::devices::mmio::MmioSlot;
@@ -187,7 +188,7 @@ const MIN_BOOT_PROTOCOL: u16 = 0x020c;
 /// tables). The MMIO `devices` are described to the guest twice: on the command
 /// line (`virtio_mmio.device=`, appended to the user's) and in the DSDT.
 pub fn load(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     config: &VmConfig,
     devices: &[MmioSlot],
 ) -> Result<BootInfo, BootError> {
@@ -351,7 +352,7 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// checked. The end returned counts zero-filled segments (p_filesz 0) too, which
 /// linux-loader leaves out, so that nothing is placed over the kernel's bss.
 fn load_elf(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     f: &mut File,
     path: &Path,
     memory_mib: u64,
@@ -403,7 +404,7 @@ fn elf_error(e: linux_loader::loader::Error, path: &Path, file_len: u64) -> Boot
 }
 
 fn load_bzimage(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     f: &mut File,
     path: &Path,
     memory_mib: u64,
@@ -468,7 +469,7 @@ fn load_bzimage(
 /// kernel's `initrd_addr_max`, page aligned, as boot loaders do; the kernel then has
 /// the most contiguous room below it for decompression.
 fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     path: &Path,
     kernel_end: u64,
     memory_mib: u64,

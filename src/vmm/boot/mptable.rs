@@ -3,7 +3,8 @@
 //! reach the IOAPIC. Linux searches for the floating pointer "_MP_" in the BIOS ROM
 //! area 0xf0000..0xfffff, among other places; we put it there.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::vmm::memory::layout;
 
@@ -103,7 +104,7 @@ fn entries(vcpus: u32, pic: bool) -> (Vec<u8>, u16) {
 
 /// Writes the MP floating pointer and configuration table at [`layout::MPTABLE`].
 /// `pic`: whether the VM has the 8259 pair (KVM's full irqchip) behind LINT0.
-pub fn write(mem: &GuestMemoryMmap, vcpus: u32, pic: bool) -> Result<(), MpTableError> {
+pub fn write(mem: &GuestRam, vcpus: u32, pic: bool) -> Result<(), MpTableError> {
     let base = layout::MPTABLE;
     let table_addr = base + 16;
     let (body, count) = entries(vcpus, pic);
@@ -147,7 +148,7 @@ mod tests {
     /// Reads back the table written for `vcpus`: both checksums, the entry count, and
     /// every entry, walked by its type's length. Returns the processor entries' APIC
     /// IDs and flags in order.
-    fn read_back(mem: &GuestMemoryMmap, vcpus: u32) -> Vec<(u8, u8)> {
+    fn read_back(mem: &GuestRam, vcpus: u32) -> Vec<(u8, u8)> {
         let mut fp = [0u8; 16];
         mem.read_slice(&mut fp, GuestAddress(layout::MPTABLE))
             .unwrap();

@@ -2,10 +2,11 @@
 //! entered in 32-bit protected mode with EBX = address of `struct hvm_start_info`,
 //! which points at the command line, the modules (our initrd) and the memory map.
 
+use crate::vmm::memory::GuestRam;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{BootError, BootInfo};
 use crate::vmm::config::VmConfig;
@@ -17,7 +18,7 @@ pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 /// Writes `hvm_start_info` (version 1, which has the memory map) at
 /// [`layout::PVH_INFO`], then the module list and the memory map after it.
 pub fn write_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     config: &VmConfig,
     info: &BootInfo,
 ) -> Result<(), BootError> {

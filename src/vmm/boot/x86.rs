@@ -1,8 +1,9 @@
 //! The CPU state a kernel expects at its first instruction: a GDT, identity page
 //! tables, and the segment, control and general registers for each boot protocol.
 
+use crate::vmm::memory::GuestRam;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{BootError, EntryPoint};
 use crate::vmm::memory::layout;
@@ -72,7 +73,7 @@ fn segment(sel: u16, desc: u64) -> kvm_segment {
 }
 
 /// Writes the GDT and an empty IDT into guest memory.
-pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub fn write_gdt(mem: &GuestRam) -> Result<(), BootError> {
     for (i, desc) in gdt().iter().enumerate() {
         mem.write_obj(*desc, GuestAddress(layout::GDT + 8 * i as u64))
             .map_err(|_| BootError::Write("GDT"))?;
@@ -84,7 +85,7 @@ pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
 /// Writes identity page tables for the first 4 GiB with 2 MiB pages: one PML4 entry,
 /// four PDPT entries, 4 × 512 PD entries (Intel SDM vol. 3A, 4.5, figure 4-9). The
 /// Linux 64-bit entry and ELF kernels without PVH expect this mapping.
-pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub fn write_page_tables(mem: &GuestRam) -> Result<(), BootError> {
     const PRESENT_RW: u64 = 0x3;
     const PAGE_SIZE_2M: u64 = 0x80;
     let pml4 = layout::PML4;

@@ -16,8 +16,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use crate::vmm::memory::GuestRam;
 use virtio_queue::Queue;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
 use super::{
     Chain, Counters, VirtioDevice, VirtioError, complete, pop_chain, read_config_bytes,
@@ -236,7 +237,7 @@ impl Block {
 
     /// Serves one request; returns the status byte and the bytes written into the
     /// guest's data buffers.
-    fn serve(&mut self, mem: &GuestMemoryMmap, chain: &Chain) -> (u8, u64) {
+    fn serve(&mut self, mem: &GuestRam, chain: &Chain) -> (u8, u64) {
         let mut header = [0u8; 16];
         if !read_from_segments(mem, &chain.readable, 0, &mut header) {
             log::debug!("virtio-blk: request without a 16-byte header");
@@ -288,7 +289,7 @@ impl Block {
     /// `segs` (after the 16-byte header when writing).
     fn transfer(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         segs: &[(GuestAddress, u32)],
         sector: u64,
         len: u64,
@@ -366,7 +367,7 @@ impl Block {
     }
 
     /// DISCARD or WRITE_ZEROES: one segment {sector u64, num_sectors u32, flags u32}.
-    fn discard(&self, mem: &GuestMemoryMmap, chain: &Chain, zeroes: bool) -> u8 {
+    fn discard(&self, mem: &GuestRam, chain: &Chain, zeroes: bool) -> u8 {
         let mut seg = [0u8; 16];
         if !read_from_segments(mem, &chain.readable, 16, &mut seg) {
             return S_IOERR;
@@ -504,7 +505,7 @@ impl VirtioDevice for Block {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<bool, VirtioError> {
         let mut used = false;
         while let Some(chain) = pop_chain(queue, index, mem)? {

@@ -9,12 +9,12 @@
 //! for its buffers, which is back-pressure, not loss. Once the writer fails (a
 //! closed pipe) the bytes are counted as dropped and the guest goes on.
 
+use crate::vmm::memory::GuestRam;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::{Counters, VirtioDevice, VirtioError, complete, pop_chain, read_from_segments};
 
@@ -46,7 +46,7 @@ impl Console {
     }
 
     /// Copies the chain's readable bytes to the writer.
-    fn forward(&mut self, mem: &GuestMemoryMmap, chain: &super::Chain) {
+    fn forward(&mut self, mem: &GuestRam, chain: &super::Chain) {
         let total = chain.readable_len();
         let mut buf = vec![0u8; PIECE.min(total as usize)];
         let mut done = 0u64;
@@ -96,7 +96,7 @@ impl VirtioDevice for Console {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<bool, VirtioError> {
         if index != TRANSMITQ {
             return Ok(false); // receive buffers wait for input that never comes

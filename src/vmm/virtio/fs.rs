@@ -22,12 +22,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use crate::vmm::memory::GuestRam;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{Queue, QueueT};
 use virtio_queue_fs::QueueT as _;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{
     Chain, Counters, VirtioDevice, VirtioError, complete, pop_chain, read_config_bytes,
@@ -128,12 +129,7 @@ pub struct Fs {
 
 impl Fs {
     /// Serves `dir` under `tag`; `mem` is the VM's guest memory.
-    pub fn new(
-        dir: &Path,
-        tag: &str,
-        read_only: bool,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Fs, ShareError> {
+    pub fn new(dir: &Path, tag: &str, read_only: bool, mem: &GuestRam) -> Result<Fs, ShareError> {
         if tag.is_empty() || tag.len() > TAG_MAX {
             return Err(ShareError::BadTag { tag: tag.into() });
         }
@@ -245,7 +241,7 @@ fn raise_open_file_limit() {
 /// owns this device, and that transport also holds a clone of `mem` (whose regions
 /// are reference-counted), declared after the device so that it drops after it: the
 /// mappings outlive every use of the view. Dropping the view touches no memory.
-fn memory_view(mem: &GuestMemoryMmap) -> Result<vm_memory_fs::GuestMemoryMmap, ShareError> {
+fn memory_view(mem: &GuestRam) -> Result<vm_memory_fs::GuestMemoryMmap, ShareError> {
     let mut regions = Vec::new();
     for r in mem.iter() {
         // SAFETY: `r.as_ptr()` is the start of a live mapping of `r.len()` bytes,
@@ -291,7 +287,7 @@ impl VirtioDevice for Fs {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<bool, VirtioError> {
         // A 0.17 queue on the same rings, at the same place, for fuse-backend-rs.
         let mut mirror = virtio_queue_fs::Queue::new(queue.max_size())
@@ -389,7 +385,7 @@ impl Fs {
 
 /// For a read-only share, answers a request that would change the directory with
 /// EROFS itself; returns the reply's length, or `None` to let the server serve it.
-fn refuse_if_read_only(read_only: bool, mem: &GuestMemoryMmap, chain: &Chain) -> Option<u32> {
+fn refuse_if_read_only(read_only: bool, mem: &GuestRam, chain: &Chain) -> Option<u32> {
     if !read_only {
         return None;
     }
@@ -424,7 +420,7 @@ fn refuse_if_read_only(read_only: bool, mem: &GuestMemoryMmap, chain: &Chain) ->
 /// them on in the reply: `max_pages` becomes 256 and `max_write` 1 MiB, what the
 /// server accepts for one WRITE. Offsets are `struct fuse_init_out`'s after the
 /// 16-byte `fuse_out_header`: flags at 28, max_write at 36, max_pages at 44.
-fn widen_init_reply(mem: &GuestMemoryMmap, chain: &Chain, written: u32) {
+fn widen_init_reply(mem: &GuestRam, chain: &Chain, written: u32) {
     // fuse_in_header, then fuse_init_in { major, minor, max_readahead, flags }.
     let mut req = [0u8; IN_HEADER + 16];
     if written < 48 || !read_from_segments(mem, &chain.readable, 0, &mut req) {

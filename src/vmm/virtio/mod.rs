@@ -38,9 +38,10 @@ pub mod worker;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::vmm::memory::GuestRam;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vmm::devices::lock;
@@ -194,7 +195,7 @@ impl Chain {
 pub fn pop_chain(
     queue: &mut Queue,
     index: usize,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
 ) -> Result<Option<Chain>, VirtioError> {
     let desc_chain = match queue.iter(mem) {
         Ok(mut it) => match it.next() {
@@ -248,7 +249,7 @@ pub fn pop_chain(
 pub fn complete(
     queue: &mut Queue,
     index: usize,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     head: u16,
     len: u32,
 ) -> Result<(), VirtioError> {
@@ -319,7 +320,7 @@ pub trait VirtioDevice: Send {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<bool, VirtioError>;
     /// The byte counters, shared with the outcome (read without the device's lock).
     fn counters(&self) -> &Arc<Counters>;
@@ -347,7 +348,7 @@ pub struct VirtioMmio {
     counters: Arc<Counters>,
     /// Guest RAM. Declared after `state` (which holds the device) so that it drops
     /// after it: virtio-fs keeps a borrowed view of these mappings (fs.rs).
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     /// Bound to the device's IOAPIC pin with KVM_IRQFD.
     irq: EventFd,
     /// One per queue, bound to QueueNotify with KVM_IOEVENTFD.
@@ -374,7 +375,7 @@ impl VirtioMmio {
     /// [`VirtioMmio::notify_fds`]).
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         irq: EventFd,
         slot: crate::vmm::devices::mmio::MmioSlot,
     ) -> std::io::Result<VirtioMmio> {
@@ -783,7 +784,7 @@ impl MmioDevice for VirtioMmio {
 /// Copies guest memory in `segs`, skipping the first `skip` bytes, into `out`
 /// (which it fills completely or fails). For request headers and small payloads.
 pub fn read_from_segments(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     segs: &[(GuestAddress, u32)],
     mut skip: u64,
     out: &mut [u8],
@@ -815,7 +816,7 @@ pub fn read_from_segments(
 /// Copies `data` into the guest buffers `segs`, skipping `skip` bytes first.
 /// Returns the bytes written.
 pub fn write_to_segments(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     segs: &[(GuestAddress, u32)],
     mut skip: u64,
     data: &[u8],
@@ -866,7 +867,7 @@ mod tests {
     }
 
     /// An entropy device with its queue 0 set up as a driver would (§3.1.1).
-    fn rng_ready() -> (VirtioMmio, GuestMemoryMmap) {
+    fn rng_ready() -> (VirtioMmio, GuestRam) {
         let mem = crate::vmm::memory::create_guest_memory(32).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let d = VirtioMmio::new(
@@ -902,7 +903,7 @@ mod tests {
     }
 
     /// Writes descriptor `i` and puts `head` on the available ring.
-    fn desc(mem: &GuestMemoryMmap, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    fn desc(mem: &GuestRam, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
         let at = GuestAddress(DESC + 16 * i);
         mem.write_obj(addr, at).unwrap();
         mem.write_obj(len, at.unchecked_add(8)).unwrap();
@@ -910,7 +911,7 @@ mod tests {
         mem.write_obj(next, at.unchecked_add(14)).unwrap();
     }
 
-    fn offer(mem: &GuestMemoryMmap, slot: u16, head: u16) {
+    fn offer(mem: &GuestRam, slot: u16, head: u16) {
         mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
             .unwrap();
         mem.write_obj(slot + 1, GuestAddress(AVAIL + 2)).unwrap();

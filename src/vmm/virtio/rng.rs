@@ -3,10 +3,10 @@
 //! A guest kernel seeds its own random pool from it at boot instead of waiting for
 //! enough interrupt timing noise.
 
+use crate::vmm::memory::GuestRam;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::{Counters, VirtioDevice, VirtioError, complete, pop_chain, write_to_segments};
 
@@ -45,7 +45,7 @@ impl VirtioDevice for Rng {
         &mut self,
         index: usize,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
     ) -> Result<bool, VirtioError> {
         let mut used = false;
         while let Some(chain) = pop_chain(queue, index, mem)? {
