@@ -124,8 +124,9 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of anonymous memory starting on a [`HUGE_PAGE`] boundary: a
     /// reservation `HUGE_PAGE` longer is made without access, the aligned part is
-    /// mapped over it with MAP_FIXED, and the slack on either side is returned.
-    fn aligned(len: usize) -> io::Result<Mapping> {
+    /// mapped over it with MAP_FIXED, and the slack on either side is returned. The
+    /// mapping from byte `advise_from` on is advised for huge pages.
+    fn aligned(len: usize, advise_from: usize) -> io::Result<Mapping> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         let span = len + HUGE_PAGE;
         // SAFETY: a fresh mapping chosen by the kernel; nothing else refers to it.
@@ -161,12 +162,21 @@ impl Mapping {
             libc::munmap((start + len) as *mut libc::c_void, span - head - len);
         }
         // Advice only: on a kernel without THP this fails and RAM stays in 4 KiB pages.
-        // SAFETY: madvise on our own mapping changes no contents.
-        if unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) } != 0 {
-            log::debug!(
-                "madvise(MADV_HUGEPAGE) on guest RAM: {}",
-                io::Error::last_os_error()
-            );
+        if advise_from < len {
+            // SAFETY: madvise on our own mapping changes no contents.
+            let advised = unsafe {
+                libc::madvise(
+                    addr.add(advise_from),
+                    len - advise_from,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+            if advised != 0 {
+                log::debug!(
+                    "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+                    io::Error::last_os_error()
+                );
+            }
         }
         Ok(Mapping { addr, len })
     }
@@ -226,7 +236,8 @@ pub fn ram_ranges(mib: u64) -> Vec<(u64, u64)> {
     }
 }
 
-/// Maps guest RAM (not prefaulted), each range 2 MiB-aligned and advised for huge pages.
+/// Maps guest RAM (not prefaulted), each range 2 MiB-aligned and advised for huge
+/// pages, but for the first 2 MiB of guest-physical memory.
 pub fn create_guest_memory(mib: u64) -> Result<GuestRam, MemoryError> {
     let layout = |e: &dyn std::fmt::Display| MemoryError::Layout {
         mib,
@@ -235,7 +246,12 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestRam, MemoryError> {
     let mut regions = Vec::new();
     for (start, len) in ram_ranges(mib) {
         let len = len as usize;
-        let mapping = Mapping::aligned(len).map_err(|source| MemoryError::Map { mib, source })?;
+        // The first 2 MiB hold the boot structures, the legacy holes and all of a tiny
+        // guest: a huge page there would cost such a guest 2 MiB of host memory for
+        // the few KiB it touches, and saves a large one only a few hundred faults.
+        let advise_from = if start == 0 { HUGE_PAGE } else { 0 };
+        let mapping = Mapping::aligned(len, advise_from)
+            .map_err(|source| MemoryError::Map { mib, source })?;
         let addr = mapping.addr as *mut u8;
         // SAFETY: [addr, addr + len) is the live mapping `mapping`, which the region's
         // RamOwner keeps alive for as long as the region exists.
