@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Build minivmm's minimal Linux guest kernel from Debian's linux-source-6.1.
 #
-# Usage: scripts/build-linux.sh [--variant mpparse|acpi]
+# Usage: scripts/build-linux.sh [--variant mpparse|acpi|hostroot]
 #
 #   mpparse (default)  tinyconfig + scripts/linux/minimal.config: CPUs found
 #                      through the MP table (the everyday test kernel)
 #   acpi               the same + scripts/linux/acpi.config: ACPI on and the
 #                      MP-table parser off, like Debian's kernels (MADT only)
+#   hostroot           acpi + scripts/linux/hostroot.config: virtio-pci, 9p,
+#                      virtio-console, overlayfs and cgroups built in, to boot
+#                      with the host's root as QEMU-based tools share it
 #
 # Outputs, in ${MINIVMM_CACHE:-${XDG_CACHE_HOME:-~/.cache}/minivmm}/linux-<variant>/:
 #   vmlinux   ELF with a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)
@@ -37,17 +40,18 @@ usage() {
 variant=mpparse
 while [ "$#" -gt 0 ]; do
     case "$1" in
-        --variant) [ "$#" -ge 2 ] || die "--variant needs a value: mpparse or acpi"; variant="$2"; shift 2 ;;
+        --variant) [ "$#" -ge 2 ] || die "--variant needs a value: mpparse, acpi or hostroot"; variant="$2"; shift 2 ;;
         --variant=*) variant="${1#--variant=}"; shift ;;
         -h|--help) usage; exit 0 ;;
-        *) die "unknown argument '$1'; usage: $0 [--variant mpparse|acpi]" ;;
+        *) die "unknown argument '$1'; usage: $0 [--variant mpparse|acpi|hostroot]" ;;
     esac
 done
 
 case "$variant" in
     mpparse) fragments=("$here/linux/minimal.config") ;;
     acpi) fragments=("$here/linux/minimal.config" "$here/linux/acpi.config") ;;
-    *) die "unknown variant '$variant'; use --variant mpparse or --variant acpi" ;;
+    hostroot) fragments=("$here/linux/minimal.config" "$here/linux/acpi.config" "$here/linux/hostroot.config") ;;
+    *) die "unknown variant '$variant'; use --variant mpparse, acpi or hostroot" ;;
 esac
 for f in "${fragments[@]}"; do
     [ -r "$f" ] || die "config fragment $f is missing; run this script from a complete minivmm checkout"

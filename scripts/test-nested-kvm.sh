@@ -16,6 +16,10 @@
 #                      exit status becomes the verdict (for loops and
 #                      benchmarks; /nested/env holds the guests' variables)
 #   --with-qemu        copy qemu-system-x86_64, its libraries and firmware in
+#   --with-exec-peers  also copy in vmtest and virtme-ng (scripts/fetch-exec-peers.sh)
+#                      with what their guests need (bash, util-linux setsid,
+#                      qemu-ga, udev, python3.11) and the hostroot kernel, for
+#                      scripts/nested/bench-exec-peers.sh; implies --with-qemu
 #   --env K=V          set K=V in the environment of the tests or script inside
 #   --outer-qemu Q     the QEMU that runs the outer VM: backports (default:
 #                      QEMU 10 from Debian's bookworm-backports, fetched into
@@ -78,6 +82,7 @@ irqchips="split kernel"
 tests="linux acpi_linux guest_basic guest_io guest_memory guest_smp guest_virtio guest_virtiofs linux_virtio exec"
 script=""
 with_qemu=false
+with_peers=false
 outer_qemu=backports
 extra_env=()
 memory=12G
@@ -96,6 +101,7 @@ while [ "$#" -gt 0 ]; do
         --irqchips) [[ "${2:-}" =~ ^(split|kernel)( (split|kernel))*$ ]] || die "--irqchips needs modes, e.g. --irqchips 'split kernel'"; irqchips="$2"; shift 2 ;;
         --script) [ "$#" -ge 2 ] || die "--script needs a file"; script="$(realpath "$2")"; shift 2 ;;
         --with-qemu) with_qemu=true; shift ;;
+        --with-exec-peers) with_qemu=true; with_peers=true; shift ;;
         --outer-qemu) [ "$#" -ge 2 ] || die "--outer-qemu needs backports, system or a path"; outer_qemu="$2"; shift 2 ;;
         --env) [[ "${2:-}" == [A-Za-z_]*=* ]] || die "--env needs NAME=VALUE"; extra_env+=("$2"); shift 2 ;;
         --tcg) [[ "${2:-}" =~ ^(single|multi)$ ]] || die "--tcg takes single or multi"; tcg="$2"; shift 2 ;;
@@ -204,13 +210,17 @@ stage_file() {
     rm -f "$root$1"
     cp -L "$1" "$root$1"
 }
-# Copy an ELF program and every shared library ldd resolves for it.
-stage_program() {
+# Copy every shared library ldd resolves for an ELF file (none for a static one).
+stage_libs() {
     local lib
-    stage_file "$1"
-    ldd "$1" 2>/dev/null | grep -oE '/[^ ]+' | while read -r lib; do
+    { ldd "$1" 2>/dev/null || true; } | { grep -oE '/[^ ]+' || true; } | while read -r lib; do
         [ -e "$root$lib" ] || stage_file "$lib"
     done
+}
+# Copy an ELF program and its shared libraries.
+stage_program() {
+    stage_file "$1"
+    stage_libs "$1"
 }
 
 stage_program "$minivmm_bin"
@@ -257,6 +267,71 @@ if [ "$with_qemu" = true ]; then
     for f in /usr/share/qemu/qboot.rom /usr/share/qemu/bios-microvm.bin /usr/share/seabios/bios-256k.bin; do
         [ -e "$f" ] && stage_file "$f"
     done
+fi
+if [ "$with_peers" = true ]; then
+    step "vmtest, virtme-ng and the hostroot kernel (scripts/fetch-exec-peers.sh, build-linux.sh --variant hostroot)"
+    out="$(scripts/fetch-exec-peers.sh)" || die "scripts/fetch-exec-peers.sh failed"
+    peer() { sed -n "s/^$1=//p" <<<"$out"; }
+    stage_program "$(peer vmtest)"
+    mkdir -p "$root/usr/bin"
+    ln -sf "$(peer vmtest)" "$root/usr/bin/vmtest"
+    # vmtest's guest init is a bash script calling util-linux's `setsid --ctty
+    # --wait` (busybox's setsid has neither); /usr/bin comes first on PATH there.
+    stage_program /bin/bash
+    stage_program /usr/bin/setsid
+    # The build workload: the tiny guests (freestanding C and assembly: gcc,
+    # cc1, as, ld and make, no headers or libc), from this checkout's guest/.
+    stage_program /usr/bin/make
+    for tool in gcc as ld; do
+        real="$(readlink -f "$(command -v "$tool")")" || die "$tool is missing; install gcc and binutils"
+        stage_program "$real"
+        ln -sf "$real" "$root/usr/bin/$tool"
+    done
+    stage_program "$(gcc -print-prog-name=cc1)"
+    # cpp includes it in every .S file, freestanding or not.
+    stage_file /usr/include/stdc-predef.h
+    mkdir -p "$root$PWD/guest"
+    cp -a guest/. "$root$PWD/guest/"
+    qga="$(peer qga)"
+    mkdir -p "$root/usr/sbin"
+    cp "$qga/usr/sbin/qemu-ga" "$root/usr/sbin/qemu-ga"
+    stage_libs "$qga/usr/sbin/qemu-ga"
+    # qemu-ga keeps its pid file in /var/run; vmtest's init mounts a tmpfs on /mnt.
+    mkdir -p "$root/var" "$root/mnt"
+    ln -sfn /run "$root/var/run"
+    udev="$(peer udev)"
+    rm -f "$root/bin/udevadm"
+    cp "$udev/bin/udevadm" "$root/bin/udevadm"
+    stage_libs "$udev/bin/udevadm"
+    mkdir -p "$root/lib/systemd" "$root/lib/udev/rules.d"
+    ln -sf /bin/udevadm "$root/lib/systemd/systemd-udevd"
+    # The one rule virtme-ng's init relies on: /dev/virtio-ports/NAME links.
+    grep 'virtio-ports' "$udev/lib/udev/rules.d/50-udev-default.rules" >"$root/lib/udev/rules.d/50-udev-default.rules" ||
+        die "udev's 50-udev-default.rules has no virtio-ports rule"
+    stage_program /usr/bin/python3.11
+    mkdir -p "$root/usr/lib"
+    cp -a /usr/lib/python3.11 "$root/usr/lib/"
+    rm -rf "$root/usr/lib/python3.11/test" "$root/usr/lib/python3.11/dist-packages"
+    for so in "$root"/usr/lib/python3.11/lib-dynload/*.so; do
+        stage_libs "$so"
+    done
+    mkdir -p "$root/usr/local/lib/python3.11" "$root/usr/local/bin"
+    cp -a "$(peer vng_site)" "$root/usr/local/lib/python3.11/dist-packages"
+    # pip's own launchers name the interpreter of the machine that ran pip.
+    for cmd in "vng virtme_ng.run" "virtme-run virtme.commands.run"; do
+        read -r name module <<<"$cmd"
+        printf '#!/usr/bin/python3.11\nimport sys\nfrom %s import main\nsys.exit(main())\n' "$module" >"$root/usr/local/bin/$name"
+        chmod +x "$root/usr/local/bin/$name"
+    done
+    # The option ROMs of QEMU's pc machine for -kernel.
+    for f in /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/kvmvapic.bin; do
+        stage_file "$f"
+    done
+    grep -q '^root:' "$root/etc/passwd" 2>/dev/null || echo 'root:x:0:0:root:/root:/bin/sh' >>"$root/etc/passwd"
+    out="$(scripts/build-linux.sh --variant hostroot)" || die "scripts/build-linux.sh --variant hostroot failed"
+    MINIVMM_HOSTROOT_BZIMAGE="$(sed -n 's/^bzImage=//p' <<<"$out")"
+    stage_file "$MINIVMM_HOSTROOT_BZIMAGE"
+    guest_vars+=(MINIVMM_HOSTROOT_BZIMAGE)
 fi
 [ -z "$script" ] || cp "$script" "$root/nested/script"
 

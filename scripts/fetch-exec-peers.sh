@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Fetch the two QEMU-based tools `minivmm exec` is measured against, and what
+# their guests need, into the cache (for scripts/nested/bench-exec-peers.sh):
+#
+#   vmtest 0.18.0     crates.io; `cargo install --locked` (its releases' static
+#                     binary lives on GitHub, which this build does not assume)
+#   virtme-ng 1.42    PyPI; `pip download` of its wheels and `pip install
+#                     --target` with Debian's python3.11 (vng is Python: the
+#                     outer VM gets that interpreter and its standard library)
+#   qemu-guest-agent  Debian's, unpacked: vmtest runs commands through it
+#   udev              Debian's, unpacked: virtme-ng's init finds its virtio
+#                     serial ports by the names udev gives them
+#
+# Usage: scripts/fetch-exec-peers.sh
+#
+# Prints `vmtest=PATH`, `vng_site=DIR` (the packages' directory, for
+# PYTHONPATH), `qga=DIR` and `udev=DIR` (the unpacked packages). Cached under
+# ${MINIVMM_CACHE:-~/.cache/minivmm}/exec-peers/; a second run returns at once.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/lib.sh
+. "$here/lib.sh"
+
+vmtest_version=0.18.0
+vng_version=1.42
+cache="$(minivmm_cache_dir)/exec-peers"
+mkdir -p "$cache"
+lock_or_wait "$cache.lock"
+
+vmtest="$cache/vmtest-$vmtest_version/bin/vmtest"
+if [ ! -x "$vmtest" ]; then
+    command -v cargo >/dev/null || die "cargo is missing; install Rust (rustup) to build vmtest"
+    log "building vmtest $vmtest_version with cargo install (a few minutes)"
+    cargo install --locked vmtest --version "$vmtest_version" --root "$cache/vmtest-$vmtest_version" >&2 ||
+        die "cargo install vmtest $vmtest_version failed; see cargo's messages above"
+fi
+
+site="$cache/virtme-ng-$vng_version"
+if [ ! -r "$site/virtme_ng/run.py" ]; then
+    ensure_debs python3.11 python3-pip
+    log "downloading virtme-ng $vng_version and its dependencies from PyPI"
+    tmp="$(mktemp -d "$cache/.vng.XXXXXX")"
+    # python3.11 -m pip: one of the wheels (charset_normalizer) is built per
+    # interpreter version, and the outer VM runs this same interpreter.
+    if ! /usr/bin/python3.11 -m pip download -q --only-binary=:all: -d "$tmp/wheels" "virtme-ng==$vng_version" >&2 ||
+        ! /usr/bin/python3.11 -m pip install -q --no-index --find-links "$tmp/wheels" --target "$tmp/site" "virtme-ng==$vng_version" >&2; then
+        rm -rf "$tmp"
+        die "pip could not fetch virtme-ng $vng_version; check the network"
+    fi
+    rm -rf "$site"
+    mv "$tmp/site" "$site"
+    rm -rf "$tmp"
+fi
+[ -x "$site/virtme/guest/bin/virtme-ng-init" ] ||
+    die "$site has no virtme/guest/bin/virtme-ng-init; the virtme-ng wheel changed shape"
+
+for pkg in qemu-guest-agent udev; do
+    version="$(deb_candidate_version "$pkg")"
+    [ -n "$version" ] || { apt_update_once; version="$(deb_candidate_version "$pkg")"; }
+    [ -n "$version" ] || die "apt knows no package $pkg"
+    dir="$cache/$pkg-${version//:/_}"
+    [ -d "$dir" ] || deb_download_extract "$pkg" "$dir"
+    eval "dir_${pkg//-/_}=\$dir"
+done
+# shellcheck disable=SC2154 # set by the eval above
+[ -x "$dir_qemu_guest_agent/usr/sbin/qemu-ga" ] || die "$dir_qemu_guest_agent has no usr/sbin/qemu-ga"
+# shellcheck disable=SC2154
+[ -x "$dir_udev/bin/udevadm" ] || die "$dir_udev has no bin/udevadm"
+
+echo "vmtest=$vmtest"
+echo "vng_site=$site"
+echo "qga=$dir_qemu_guest_agent"
+echo "udev=$dir_udev"
