@@ -4,6 +4,9 @@
 #
 #   vmtest 0.18.0     crates.io; `cargo install --locked` (its releases' static
 #                     binary lives on GitHub, which this build does not assume)
+#   virtiofsd 1.14.0  crates.io (the Rust one: Debian 12 has only QEMU's C
+#                     daemon, whose flags virtme-ng does not speak, and without a
+#                     virtiofsd virtme-ng falls back to 9p with no page cache)
 #   virtme-ng 1.42    PyPI; `pip download` of its wheels and `pip install
 #                     --target` with Debian's python3.11 (vng is Python: the
 #                     outer VM gets that interpreter and its standard library)
@@ -13,7 +16,7 @@
 #
 # Usage: scripts/fetch-exec-peers.sh
 #
-# Prints `vmtest=PATH`, `vng_site=DIR` (the packages' directory, for
+# Prints `vmtest=PATH`, `virtiofsd=PATH`, `vng_site=DIR` (the packages' directory, for
 # PYTHONPATH), `qga=DIR` and `udev=DIR` (the unpacked packages). Cached under
 # ${MINIVMM_CACHE:-~/.cache/minivmm}/exec-peers/; a second run returns at once.
 set -euo pipefail
@@ -23,6 +26,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib.sh"
 
 vmtest_version=0.18.0
+virtiofsd_version=1.14.0
 vng_version=1.42
 cache="$(minivmm_cache_dir)/exec-peers"
 mkdir -p "$cache"
@@ -34,6 +38,14 @@ if [ ! -x "$vmtest" ]; then
     log "building vmtest $vmtest_version with cargo install (a few minutes)"
     cargo install --locked vmtest --version "$vmtest_version" --root "$cache/vmtest-$vmtest_version" >&2 ||
         die "cargo install vmtest $vmtest_version failed; see cargo's messages above"
+fi
+
+virtiofsd="$cache/virtiofsd-$virtiofsd_version/bin/virtiofsd"
+if [ ! -x "$virtiofsd" ]; then
+    ensure_debs libseccomp-dev libcap-ng-dev
+    log "building virtiofsd $virtiofsd_version with cargo install (a few minutes)"
+    cargo install --locked virtiofsd --version "$virtiofsd_version" --root "$cache/virtiofsd-$virtiofsd_version" >&2 ||
+        die "cargo install virtiofsd $virtiofsd_version failed; see cargo's messages above"
 fi
 
 site="$cache/virtme-ng-$vng_version"
@@ -69,6 +81,7 @@ done
 [ -x "$dir_udev/bin/udevadm" ] || die "$dir_udev has no bin/udevadm"
 
 echo "vmtest=$vmtest"
+echo "virtiofsd=$virtiofsd"
 echo "vng_site=$site"
 echo "qga=$dir_qemu_guest_agent"
 echo "udev=$dir_udev"

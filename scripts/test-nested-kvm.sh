@@ -17,8 +17,9 @@
 #                      benchmarks; /nested/env holds the guests' variables)
 #   --with-qemu        copy qemu-system-x86_64, its libraries and firmware in
 #   --with-exec-peers  also copy in vmtest and virtme-ng (scripts/fetch-exec-peers.sh)
-#                      with what their guests need (bash, util-linux setsid,
-#                      qemu-ga, udev, python3.11) and the hostroot kernel, for
+#                      with what they and their guests need (virtiofsd, bash,
+#                      util-linux setsid, qemu-ga, udev, python3.11), gcc and
+#                      guest/ for a build, and the hostroot kernel, for
 #                      scripts/nested/bench-exec-peers.sh; implies --with-qemu
 #   --env K=V          set K=V in the environment of the tests or script inside
 #   --outer-qemu Q     the QEMU that runs the outer VM: backports (default:
@@ -316,6 +317,9 @@ if [ "$with_peers" = true ]; then
         stage_libs "$so"
     done
     mkdir -p "$root/usr/local/lib/python3.11" "$root/usr/local/bin"
+    # virtme-ng takes the first virtiofsd on PATH (then its microvm + virtio-fs).
+    stage_program "$(peer virtiofsd)"
+    ln -sf "$(peer virtiofsd)" "$root/usr/local/bin/virtiofsd"
     cp -a "$(peer vng_site)" "$root/usr/local/lib/python3.11/dist-packages"
     # pip's own launchers name the interpreter of the machine that ran pip.
     for cmd in "vng virtme_ng.run" "virtme-run virtme.commands.run"; do
