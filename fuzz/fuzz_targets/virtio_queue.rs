@@ -66,7 +66,7 @@ fn device(kind: u8, s: &Setup) -> Option<Box<dyn VirtioDevice>> {
             let img = block::DiskImage::open(s.disk_path.as_ref(), kind & 3 == 1).ok()?;
             Box::new(block::Block::new(img))
         }
-        2 => Box::new(fs::Fs::new(&s.share, "fuzz", true, &s.mem).ok()?),
+        2 => Box::new(fs::Fs::new(&s.share, "fuzz", true, false, &s.mem).ok()?),
         _ => Box::new(console::Console::new(Box::new(std::io::sink()))),
     })
 }

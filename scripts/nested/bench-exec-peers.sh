@@ -18,14 +18,14 @@
 #                 more than 300 s here)
 # First each must give back an exit status (`exit 3`) and a line of stdout; a
 # tool that does not is named and left out. Then RUNS (default 5) rounds of
-# `true` and BUILD_RUNS (default 3) of building tiny guests (`make -C guest`,
+# `true` and BUILD_RUNS (default 5) of building tiny guests (`make -C guest`,
 # GUESTS: default "hello cpus", 4 ELF files from 6 C and assembly files; all 11
 # take ~2 minutes a run here), alternating the tools; each run is timed from
 # process start to exit (/proc/uptime, 10 ms steps). Prints every run and the
 # medians. Times are TCG's, not hardware's: compare ratios.
 RUNS=${RUNS:-5}
 VNG_FLAGS=${VNG_FLAGS:-}
-BUILD_RUNS=${BUILD_RUNS:-3}
+BUILD_RUNS=${BUILD_RUNS:-5}
 # Which tiny guests the build makes (each: two ELF files, from C and assembly).
 GUESTS=${GUESTS:-"hello cpus"}
 K=$MINIVMM_HOSTROOT_BZIMAGE

@@ -189,6 +189,7 @@ impl VmSpec {
                     path: find("share", &s.path)?,
                     tag: s.tag.clone(),
                     read_only: s.read_only,
+                    keep_cache: false,
                 })
             })
             .collect::<Result<_, SpecError>>()?;

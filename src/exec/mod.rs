@@ -284,6 +284,7 @@ pub fn plan(req: &Request) -> Result<(VmConfig, Pending), ExecError> {
             path: dir,
             tag: Some(tag),
             read_only: ro,
+            keep_cache: false,
         });
     }
     if !narrowed {
@@ -294,6 +295,9 @@ pub fn plan(req: &Request) -> Result<(VmConfig, Pending), ExecError> {
                 path: "/".into(),
                 tag: Some(ROOT_TAG.into()),
                 read_only: true,
+                // The system's programs and libraries, not the job's files: they
+                // do not change during a job, and every exec reads them.
+                keep_cache: true,
             },
         );
     }

@@ -177,6 +177,14 @@ pub struct ShareSpec {
     pub tag: Option<String>,
     /// The guest cannot change anything in it.
     pub read_only: bool,
+    /// The host leaves the tree alone while the VM runs, so the guest may keep file
+    /// data, attributes and names cached for as long as it likes: FUSE's KEEP_CACHE
+    /// on every open and day-long attribute and entry timeouts (virtiofsd's
+    /// `cache=always`). Without it, each open drops the file's cached pages
+    /// (close-to-open consistency) and names are looked up again after 5 s: right
+    /// for a tree the host edits, dear for a compiler run from the share (cc1 read
+    /// again at each exec). `exec` sets it for the host's root.
+    pub keep_cache: bool,
 }
 
 impl std::str::FromStr for ShareSpec {
@@ -193,6 +201,7 @@ impl std::str::FromStr for ShareSpec {
             path: PathBuf::from(path),
             tag: None,
             read_only: false,
+            keep_cache: false,
         };
         for opt in parts {
             match opt {

@@ -303,7 +303,8 @@ impl Vm {
         }
         let mem = memory::create_guest_memory(config.memory_mib)?;
         for (share, tag) in config.shares.iter().zip(config.share_tags()) {
-            let fs = virtio::fs::Fs::new(&share.path, &tag, share.read_only, &mem)?;
+            let fs =
+                virtio::fs::Fs::new(&share.path, &tag, share.read_only, share.keep_cache, &mem)?;
             backends.push(Box::new(fs));
         }
         if config.rng {

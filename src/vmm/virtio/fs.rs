@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use crate::vmm::memory::GuestRam;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{Queue, QueueT};
 use virtio_queue_fs::QueueT as _;
@@ -128,8 +128,15 @@ pub struct Fs {
 }
 
 impl Fs {
-    /// Serves `dir` under `tag`; `mem` is the VM's guest memory.
-    pub fn new(dir: &Path, tag: &str, read_only: bool, mem: &GuestRam) -> Result<Fs, ShareError> {
+    /// Serves `dir` under `tag`; `mem` is the VM's guest memory. `keep_cache`: see
+    /// [`crate::vmm::config::ShareSpec::keep_cache`].
+    pub fn new(
+        dir: &Path,
+        tag: &str,
+        read_only: bool,
+        keep_cache: bool,
+        mem: &GuestRam,
+    ) -> Result<Fs, ShareError> {
         if tag.is_empty() || tag.len() > TAG_MAX {
             return Err(ShareError::BadTag { tag: tag.into() });
         }
@@ -158,11 +165,17 @@ impl Fs {
         let root_str = root
             .to_str()
             .ok_or_else(|| server_err(std::io::Error::other("the path is not valid UTF-8")))?;
-        let cfg = Config {
+        let mut cfg = Config {
             root_dir: root_str.to_string(),
             do_import: true,
             ..Default::default()
         };
+        if keep_cache {
+            const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+            cfg.cache_policy = CachePolicy::Always;
+            cfg.attr_timeout = DAY;
+            cfg.entry_timeout = DAY;
+        }
         raise_open_file_limit();
         let fs = PassthroughFs::<()>::new(cfg).map_err(server_err)?;
         // import() clears the umask (umask(0), so that the guest's modes are applied
