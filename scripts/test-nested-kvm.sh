@@ -266,7 +266,8 @@ if [ "$with_qemu" = true ]; then
     # QEMU's own virtio-fs daemon, for scripts/nested/bench-virtio.sh.
     [ ! -x /usr/lib/qemu/virtiofsd ] || stage_program /usr/lib/qemu/virtiofsd
     for f in /usr/share/qemu/qboot.rom /usr/share/qemu/bios-microvm.bin /usr/share/seabios/bios-256k.bin; do
-        [ -e "$f" ] && stage_file "$f"
+        # Not `[ -e ] && ...`: a for loop whose last test fails would end the script (set -e).
+        [ ! -e "$f" ] || stage_file "$f"
     done
 fi
 if [ "$with_peers" = true ]; then

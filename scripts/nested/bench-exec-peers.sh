@@ -43,12 +43,11 @@ ELFS=""
 for g in $GUESTS; do
     ELFS="$ELFS /tmp/gout/$g.elf /tmp/gout/$g-64.elf"
 done
-# In a script on the shared root, not on the command line: virtme-ng passes the
-# command on the kernel's (2 KiB at most, with its own options).
-
 rm -rf $W
 mkdir -p $W
 cd $W || exit 1
+# The build is a script on the shared root, not a command line: virtme-ng passes
+# the command on the kernel's (2 KiB at most, with its own options).
 echo "exec make -s -C $SRC O=/tmp/gout$ELFS" >$W/build.sh
 
 # run TOOL CMD: runs CMD in a fresh VM with TOOL; its stdout in $W/TOOL.out.
