@@ -67,21 +67,21 @@ fi
 [ -x "$site/virtme/guest/bin/virtme-ng-init" ] ||
     die "$site has no virtme/guest/bin/virtme-ng-init; the virtme-ng wheel changed shape"
 
-for pkg in qemu-guest-agent udev; do
-    version="$(deb_candidate_version "$pkg")"
-    [ -n "$version" ] || { apt_update_once; version="$(deb_candidate_version "$pkg")"; }
-    [ -n "$version" ] || die "apt knows no package $pkg"
-    dir="$cache/$pkg-${version//:/_}"
-    [ -d "$dir" ] || deb_download_extract "$pkg" "$dir"
-    eval "dir_${pkg//-/_}=\$dir"
-done
-# shellcheck disable=SC2154 # set by the eval above
-[ -x "$dir_qemu_guest_agent/usr/sbin/qemu-ga" ] || die "$dir_qemu_guest_agent has no usr/sbin/qemu-ga"
-# shellcheck disable=SC2154
-[ -x "$dir_udev/bin/udevadm" ] || die "$dir_udev has no bin/udevadm"
+# A Debian package unpacked in the cache, one directory per version, holding FILE.
+unpacked() { # package file
+    local version dir
+    apt_need_lists "$1"
+    version="$(deb_candidate_version "$1")"
+    dir="$cache/$1-${version//:/_}"
+    [ -d "$dir" ] || deb_download_extract "$1" "$dir"
+    [ -x "$dir/$2" ] || die "$1 $version has no $2; Debian's package layout changed"
+    printf '%s\n' "$dir"
+}
+qga="$(unpacked qemu-guest-agent usr/sbin/qemu-ga)"
+udev="$(unpacked udev bin/udevadm)"
 
 echo "vmtest=$vmtest"
 echo "virtiofsd=$virtiofsd"
 echo "vng_site=$site"
-echo "qga=$dir_qemu_guest_agent"
-echo "udev=$dir_udev"
+echo "qga=$qga"
+echo "udev=$udev"
