@@ -369,7 +369,30 @@ fail() { say "FAILED at step: $*"; end 1; }
 say "outer VM up: $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { print $2 }' /proc/meminfo) kB"
 # A heartbeat while the tests run, however long one test is silent: when it stops,
 # this kernel no longer schedules, and the host stops waiting for it.
-( while sleep 30; do say "heartbeat $(cut -d' ' -f1 /proc/uptime)"; done ) &
+# It also watches the test binary that runs (run_tests below writes its start and
+# name to /tmp/test-since): one past $STUCK s is stuck, which a test cannot be on
+# its own (each boot has a --timeout, and a test kills a VM that overstays it). Seen
+# once in CI: an inner vCPU thread runnable (R) in kvm_vcpu_block but never run
+# again, so its VM ignored --timeout and the test's SIGKILL never took; the rest of
+# this kernel went on, heartbeat included. That is this kernel losing a wake-up,
+# not a test failing: say "stuck" and the host boots this VM again.
+STUCK=900
+vcpu_threads() {
+    for s in /proc/[0-9]*/task/[0-9]*/stack; do
+        grep -qs kvm_vcpu_block "$s" || continue
+        printf ' %s/%s:%s' "$(cat "${s%/task/*}/comm")" "$(cat "${s%stack}comm")" \
+            "$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "${s%stack}status")"
+    done
+}
+(
+    while sleep 30; do
+        say "heartbeat $(cut -d' ' -f1 /proc/uptime)"
+        read -r since name 2>/dev/null </tmp/test-since || continue
+        ran=$(($(date +%s) - since))
+        [ "$ran" -le "$STUCK" ] ||
+            say "stuck: $name has run for $ran s (more than $STUCK); threads in kvm_vcpu_block:$(vcpu_threads)"
+    done
+) &
 for m in irqbypass kvm kvm-amd; do
     insmod /nested/modules/$m.ko || fail "insmod $m.ko: the outer VM cannot load KVM (does QEMU emulate SVM? -cpu EPYC-Rome,+svm,+npt)"
 done
@@ -383,7 +406,9 @@ dmesg -c >/dev/null
 # Run a test binary with its output on the console and in /tmp/test-output.txt;
 # print its exit status.
 run_tests() {
+    echo "$(date +%s) ${1##*/}" >/tmp/test-since
     { "$@" </dev/null 2>&1; echo $? >/tmp/test-status; } | tee /tmp/test-output.txt >&2
+    rm -f /tmp/test-since
     cat /tmp/test-status
 }
 # The names cargo's test harness lists under its last "failures:" heading.
@@ -461,7 +486,8 @@ rm -rf "$root"
 # What the outer kernel prints when it is broken for good: a CPU stuck in
 # the kernel (soft lockup, RCU stall) or an oops. Its own lines carry a
 # "[ seconds ]" stamp; the tests' output does not.
-outer_fault='^\[ *[0-9.]+\] (watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall|BUG: |Kernel panic)'
+# Its /init says "stuck" when a test binary runs far too long (see there).
+outer_fault='^(\[ *[0-9.]+\] (watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall|BUG: |Kernel panic)|minivmm-nested: stuck: )'
 
 # nohz=off keeps the outer kernel's tick running on idle CPUs. Inner guests
 # stalled for good with a vCPU thread runnable (state R) in kvm_vcpu_block and
