@@ -376,7 +376,9 @@ say "outer VM up: $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { print $2 }' /p
 # again, so its VM ignored --timeout and the test's SIGKILL never took; the rest of
 # this kernel went on, heartbeat included. That is this kernel losing a wake-up,
 # not a test failing: say "stuck" and the host boots this VM again.
-STUCK=900
+# (`--env NESTED_STUCK_SECS=N` shortens it, to see this path work.)
+. /nested/env
+STUCK=${NESTED_STUCK_SECS:-900}
 vcpu_threads() {
     for s in /proc/[0-9]*/task/[0-9]*/stack; do
         grep -qs kvm_vcpu_block "$s" || continue
@@ -399,7 +401,6 @@ done
 [ -c /dev/kvm ] || fail "kvm-amd.ko loaded but /dev/kvm did not appear"
 dmesg | grep -E 'kvm|SVM' | sed 's/^/minivmm-nested: dmesg: /'
 dmesg | grep -q 'Nested Paging enabled' || fail "kvm_amd did not enable nested paging"
-. /nested/env
 $MINIVMM_BIN check || fail "minivmm check refused this KVM"
 dmesg -c >/dev/null
 
@@ -566,6 +567,7 @@ done
 if [ -z "$verdict" ]; then
     [ "$qemu_status" != 124 ] || die "the outer VM ran past --timeout $limit s (all boots); its console is in $console"
     grep -v 'warning: TCG doesn.t support' "$work/qemu.stderr" >&2 || true
+    [ "$hung" = false ] || die "the outer VM hung on boot $attempt of $attempts (see above why); its console is in $console"
     die "the outer VM ended (status $qemu_status) without a verdict; its console is in $console"
 fi
 cat "$work"/console-crashed-*.txt "$console" 2>/dev/null |
