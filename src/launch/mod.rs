@@ -209,6 +209,7 @@ pub fn summary(o: &Outcome, started: Instant) -> serde_json::Value {
         "first_output_ms": o.first_output.map(ms),
         "console_bytes": o.console_bytes,
         "console_dropped_bytes": o.console_dropped,
+        "console_coalesced_writes": o.console_coalesced,
         "vcpus": o.vcpus,
         "memory_mib": o.memory_mib,
         "kernel_format": o.format,

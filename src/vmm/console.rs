@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::devices::{Devices, lock};
+use super::devices::Devices;
 use super::seccomp::{Filters, ThreadKind};
 
 /// Ctrl-A, the escape key on a terminal: Ctrl-A `x` stops the VM (as in QEMU);
@@ -155,7 +155,7 @@ fn pump(devices: Arc<Devices>, wake: EventFd, interactive: bool, on_escape: impl
             }
         }
         if !pending.is_empty() {
-            let mut com1 = lock(&devices.serial);
+            let (mut com1, _) = devices.com1();
             if let Ok(n) = com1.enqueue_raw_bytes(&pending) {
                 pending.drain(..n);
             }

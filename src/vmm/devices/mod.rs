@@ -19,6 +19,7 @@
 
 pub mod acpi_pm;
 pub mod cmos;
+pub mod coalesced;
 pub mod debug_exit;
 pub mod i8042;
 pub mod ioapic;
@@ -49,7 +50,14 @@ pub const COM1_IRQ: u32 = 4;
 /// All port-I/O devices of one VM, shared by its vCPU threads.
 pub struct Devices {
     /// COM1. A mutex because any vCPU may touch it and the stdin thread feeds it.
+    /// Reach it through [`Devices::com1`], which first applies the writes KVM
+    /// coalesced.
     pub serial: Mutex<serial::Com1>,
+    /// KVM's ring of the writes to COM1's data port it kept instead of exiting
+    /// (see [`coalesced`]); None when KVM cannot, or with `--trace-exits`.
+    pub com1_ring: Option<coalesced::Ring>,
+    /// Writes taken from `com1_ring` so far: each one an exit saved.
+    pub com1_coalesced: std::sync::atomic::AtomicU64,
     /// The i8042 keyboard controller and its keyboard.
     pub i8042: Mutex<i8042::I8042>,
     /// CMOS RAM and clock.
@@ -66,11 +74,34 @@ pub struct Devices {
 }
 
 impl Devices {
+    /// Locks COM1 and hands it, first, the data-port writes KVM coalesced since the
+    /// last look, in order. Every access to the UART goes through here, so the guest
+    /// never sees a register before its earlier writes took effect. Returns the
+    /// lock and how many writes were drained.
+    pub fn com1(&self) -> (std::sync::MutexGuard<'_, serial::Com1>, usize) {
+        let mut com1 = lock(&self.serial);
+        let n = match &self.com1_ring {
+            Some(ring) => ring.drain(|port, data| {
+                write_com1(
+                    &mut com1,
+                    port.wrapping_sub(u64::from(COM1_BASE)) as u8,
+                    data,
+                )
+            }),
+            None => 0,
+        };
+        if n > 0 {
+            self.com1_coalesced
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        (com1, n)
+    }
+
     /// Handles an IN from `port`, filling `data` (1, 2 or 4 bytes).
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         match port {
             COM1_BASE..=0x3ff => {
-                let v = lock(&self.serial).read((port - COM1_BASE) as u8);
+                let v = self.com1().0.read((port - COM1_BASE) as u8);
                 data.fill(0);
                 data[0] = v;
             }
@@ -89,13 +120,7 @@ impl Devices {
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<DeviceEvent> {
         match port {
             COM1_BASE..=0x3ff => {
-                let mut com1 = lock(&self.serial);
-                // A `rep outsb` arrives as several bytes at once: each is one write.
-                for b in data {
-                    if let Err(e) = com1.write((port - COM1_BASE) as u8, *b) {
-                        crate::vmm::ratelimit::warn_limited!("serial console: {e:?}");
-                    }
-                }
+                write_com1(&mut self.com1().0, (port - COM1_BASE) as u8, data);
                 None
             }
             i8042::DATA_PORT | i8042::COMMAND_PORT => lock(&self.i8042).write(port, data),
@@ -116,6 +141,16 @@ impl Devices {
                 log::debug!("unhandled port write {port:#x} {data:02x?}");
                 None
             }
+        }
+    }
+}
+
+/// Writes `data` to COM1's register at `offset`, a byte at a time: a `rep outsb`
+/// arrives as several bytes at once, and each is one write.
+fn write_com1(com1: &mut serial::Com1, offset: u8, data: &[u8]) {
+    for b in data {
+        if let Err(e) = com1.write(offset, *b) {
+            crate::vmm::ratelimit::warn_limited!("serial console: {e:?}");
         }
     }
 }
