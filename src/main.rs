@@ -227,7 +227,8 @@ struct RunArgs {
     /// Write the JSON summary to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     json_out: Option<PathBuf>,
-    /// Log every VM exit as it happens, and a table of exits at the end.
+    /// Log every VM exit as it happens, and a table of exits at the end. Console
+    /// writes then exit one by one instead of going through KVM's coalesced ring.
     #[arg(long)]
     trace_exits: bool,
     /// Leave out the 8254 PIT timer (ports 0x40-0x43 and 0x61 then read as nothing
