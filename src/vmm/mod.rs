@@ -355,6 +355,17 @@ impl Vm {
                 let router = Box::new(KvmRouter(std::sync::Mutex::new(Some(vm.clone()))));
                 // Its ID follows the CPUs', as the MP table and MADT say.
                 let mut ioapic = devices::ioapic::Ioapic::new(config.vcpus as u8, router);
+                // A virtio interrupt that came while its pin was masked is delivered
+                // at the unmask (see VirtioMmio::reassert).
+                for d in &virtio {
+                    let dev = d.clone();
+                    let watch = move |routed: bool| {
+                        if routed {
+                            dev.reassert();
+                        }
+                    };
+                    ioapic.watch_pin(d.slot().irq as usize, Box::new(watch));
+                }
                 let pit = if config.pit {
                     // ISA IRQ 0 is IOAPIC pin (and GSI) 0 in the MP table and MADT.
                     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create an eventfd"))?;

@@ -11,7 +11,10 @@
 //! address and data an IOAPIC would put on the bus for that entry (destination,
 //! vector, delivery mode, trigger). KVM then hands a device's pulse straight to the
 //! LAPICs, as fast as with the in-kernel IOAPIC. A masked entry has no route, so a
-//! pulse on it is dropped, as a real IOAPIC drops edges on a masked pin.
+//! pulse on it is dropped, as a real IOAPIC drops edges on a masked pin; a device
+//! whose line is still up (a virtio device with InterruptStatus set) watches its pin
+//! ([`Ioapic::watch_pin`]) and pulses again when the guest unmasks it, as KVM's
+//! in-kernel IOAPIC would deliver the edge it kept in its IRR.
 //!
 //! What follows from delivering without us: the Delivery Status and Remote IRR bits
 //! always read 0 (every line here is a pulse, so nothing is ever left pending), and

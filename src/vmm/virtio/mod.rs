@@ -491,6 +491,20 @@ impl VirtioMmio {
         }
     }
 
+    /// Pulses the interrupt again if InterruptStatus still has a bit set: for when
+    /// the guest unmasks the device's IOAPIC pin. The virtio-mmio line is level in
+    /// spirit (it stays up until the driver writes InterruptACK, virtio 1.2 §4.2.2),
+    /// but our split IOAPIC delivers pulses, and drops those that came while the pin
+    /// was masked; KVM's in-kernel IOAPIC keeps such an edge in its IRR and delivers
+    /// it at the unmask, and so does this.
+    pub fn reassert(&self) {
+        if self.interrupt_status.load(Ordering::SeqCst) != 0 {
+            if let Err(e) = self.irq.write(1) {
+                log::debug!("virtio irqfd write: {e}");
+            }
+        }
+    }
+
     fn interrupt(&self, why: u32) {
         self.interrupt_status.fetch_or(why, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
@@ -937,9 +951,15 @@ mod tests {
         assert!(bytes.iter().any(|&b| b != 0));
         assert_eq!(rd(&d, reg::INTERRUPT_STATUS), INT_USED_BUFFER);
         assert_eq!(d.irq.read().unwrap(), 1);
+        // An unmask while the line is still up pulses it again...
+        d.reassert();
+        assert_eq!(d.irq.read().unwrap(), 1);
         wr(&d, reg::INTERRUPT_ACK, INT_USED_BUFFER);
         assert_eq!(rd(&d, reg::INTERRUPT_STATUS), 0);
         assert_eq!(d.report().requests, 1);
+        // ...and once acknowledged, not.
+        d.reassert();
+        assert!(d.irq.read().is_err(), "no pulse with InterruptStatus 0");
     }
 
     #[test]
