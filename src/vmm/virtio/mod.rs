@@ -498,10 +498,10 @@ impl VirtioMmio {
     /// was masked; KVM's in-kernel IOAPIC keeps such an edge in its IRR and delivers
     /// it at the unmask, and so does this.
     pub fn reassert(&self) {
-        if self.interrupt_status.load(Ordering::SeqCst) != 0 {
-            if let Err(e) = self.irq.write(1) {
-                log::debug!("virtio irqfd write: {e}");
-            }
+        if self.interrupt_status.load(Ordering::SeqCst) != 0
+            && let Err(e) = self.irq.write(1)
+        {
+            log::debug!("virtio irqfd write: {e}");
         }
     }
 
