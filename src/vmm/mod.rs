@@ -1003,16 +1003,6 @@ impl devices::ioapic::MsiRouter for KvmRouter {
     }
 }
 
-/// KVM_GET_SUPPORTED_CPUID, asked once per process: the answer depends only on the
-/// host CPU and KVM, and each call costs ~0.3 ms under PVM (CPUID traps to the outer
-/// hypervisor), which adds up for a library user running many VMs.
-///
-/// Plus the TSC-deadline mode of the LAPIC timer (leaf 1 ECX bit 24), which KVM's
-/// LAPIC emulates but leaves out of that list: a VMM offers it when
-/// KVM_CAP_TSC_DEADLINE_TIMER says so (Documentation/virt/kvm/api.rst). With it and
-/// ARAT (leaf 6, which KVM lists), Linux needs no PIT: it times with the LAPIC alone
-/// (`apic_needs_pit()`), as it must with a split irqchip and no 8259s, where the
-/// PIT's IRQ 0 cannot be registered.
 /// Asks KVM to keep the guest's writes to COM1's data port in its coalesced ring
 /// instead of exiting for each (see [`devices::coalesced`]) and maps the ring
 /// through `vcpu`. None, and every write exits as before, when KVM lacks
@@ -1041,6 +1031,16 @@ fn coalesce_com1(
     }
 }
 
+/// KVM_GET_SUPPORTED_CPUID, asked once per process: the answer depends only on the
+/// host CPU and KVM, and each call costs ~0.3 ms under PVM (CPUID traps to the outer
+/// hypervisor), which adds up for a library user running many VMs.
+///
+/// Plus the TSC-deadline mode of the LAPIC timer (leaf 1 ECX bit 24), which KVM's
+/// LAPIC emulates but leaves out of that list: a VMM offers it when
+/// KVM_CAP_TSC_DEADLINE_TIMER says so (Documentation/virt/kvm/api.rst). With it and
+/// ARAT (leaf 6, which KVM lists), Linux needs no PIT: it times with the LAPIC alone
+/// (`apic_needs_pit()`), as it must with a split irqchip and no 8259s, where the
+/// PIT's IRQ 0 cannot be registered.
 fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<kvm_bindings::CpuId, VmError> {
     static CPUID: std::sync::OnceLock<kvm_bindings::CpuId> = std::sync::OnceLock::new();
     if let Some(c) = CPUID.get() {
