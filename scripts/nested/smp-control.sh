@@ -6,9 +6,10 @@
 #   scripts/test-nested-kvm.sh --with-qemu --script scripts/nested/smp-control.sh
 #
 # RUNS (default 10) boots of each VMM per case. CASES (default elf4) picks them:
-# elf4 is the minimal kernel (PVH ELF) with 4 vCPUs and 256M, debian3 Debian's
-# cloud kernel (entered through its PVH note by both VMMs) with 3 vCPUs and 512M:
-# the two kinds of boot that were lost in boot-loop.sh. Both boot the initramfs
+# elf4 is the minimal kernel (PVH ELF) with 4 vCPUs and 256M, acpi4 its ACPI build
+# (MADT, no MP table) the same, debian3 Debian's cloud kernel (entered through its
+# PVH note by both VMMs) with 3 vCPUs and 512M: the kinds of boot that were lost in
+# boot-loop.sh. All boot the initramfs
 # that ends with `reboot -f`. A boot is good when /init's last line
 # ("minivmm-init: reboot -f") appears and the VMM exits 0 within 300 s. QEMU's
 # microvm has no i8042, so its guest reboots by triple fault (reboot=t), which
@@ -49,8 +50,9 @@ one_case() { # kernel vcpus memory
 for case in $CASES; do
     case $case in
         elf4) one_case "$MINIVMM_LINUX_VMLINUX" 4 256M ;;
+        acpi4) one_case "$MINIVMM_LINUX_ACPI_VMLINUX" 4 256M ;;
         debian3) one_case "$MINIVMM_DEBIAN_VMLINUX" 3 512M ;;
-        *) echo "smp-control: unknown case $case (elf4, debian3)"; exit 2 ;;
+        *) echo "smp-control: unknown case $case (elf4, acpi4, debian3)"; exit 2 ;;
     esac
 done
 exit 0
