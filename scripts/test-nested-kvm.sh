@@ -22,6 +22,8 @@
 #                      guest/ for a build, and the hostroot kernel, for
 #                      scripts/nested/bench-exec-peers.sh; implies --with-qemu
 #   --env K=V          set K=V in the environment of the tests or script inside
+#                      (NESTED_STUCK_SECS=N: call a test binary stuck after N s,
+#                      not 900, to try that path)
 #   --outer-qemu Q     the QEMU that runs the outer VM: backports (default:
 #                      QEMU 10 from Debian's bookworm-backports, fetched into
 #                      the cache by scripts/fetch-qemu.sh: its SVM emulation

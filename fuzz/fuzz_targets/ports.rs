@@ -20,6 +20,8 @@ fn eventfd() -> EventFd {
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let devices = Devices {
         serial: Mutex::new(serial::new_com1(eventfd(), devices::Console::discard())),
+        com1_ring: None,
+        com1_coalesced: Default::default(),
         i8042: Mutex::new(I8042::new(eventfd(), eventfd())),
         cmos: Default::default(),
         acpi_pm: Default::default(),
