@@ -92,11 +92,7 @@ fn coalesced_console_bytes_arrive_while_the_guest_spins() {
         return;
     }
     let d = scratch("coalesced_tick");
-    let body = hello_body("late bytes", 0, true).replace(
-        "2: mov $0xf4",
-        "2: jmp 2b
- mov $0xf4",
-    );
+    let body = hello_body("late bytes", 0, true).replace("2: mov $0xf4", "2: jmp 2b\n mov $0xf4");
     let k = tiny_guest(&d, "spinner", &body, true);
     let console = d.join("console.txt");
     let mut child = minivmm()
