@@ -158,16 +158,21 @@ mod tests {
     use super::*;
 
     /// Appends as KVM's coalesced_mmio_write does: entry at `last`, then `last`.
-    fn push(page: &mut [u64], capacity: u32, port: u64, data: &[u8]) {
-        let bytes: &mut [u8] =
-            unsafe { std::slice::from_raw_parts_mut(page.as_mut_ptr().cast(), page.len() * 8) };
-        let last = u32::from_ne_bytes(bytes[4..8].try_into().unwrap());
+    /// Through the ring's own pointer, as KVM writes the page behind our back.
+    fn push(ring: &Ring, port: u64, data: &[u8]) {
+        let last = ring.index(4).load(Ordering::Relaxed);
         let base = HEADER + last as usize * ENTRY;
-        bytes[base..base + 8].copy_from_slice(&port.to_ne_bytes());
-        bytes[base + 8..base + 12].copy_from_slice(&(data.len() as u32).to_ne_bytes());
-        bytes[base + 12..base + 16].copy_from_slice(&1u32.to_ne_bytes());
-        bytes[base + 16..base + 16 + data.len()].copy_from_slice(data);
-        bytes[4..8].copy_from_slice(&((last + 1) % capacity).to_ne_bytes());
+        let mut entry = [0u8; ENTRY];
+        entry[0..8].copy_from_slice(&port.to_ne_bytes());
+        entry[8..12].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+        entry[12..16].copy_from_slice(&1u32.to_ne_bytes());
+        entry[16..16 + data.len()].copy_from_slice(data);
+        // SAFETY: `last < capacity`, so the entry lies inside the page.
+        unsafe {
+            std::ptr::copy_nonoverlapping(entry.as_ptr(), ring.page.as_ptr().add(base), ENTRY)
+        };
+        ring.index(4)
+            .store((last + 1) % ring.capacity, Ordering::Release);
     }
 
     #[test]
@@ -179,10 +184,8 @@ mod tests {
         let mut seen = Vec::new();
         // 400 bytes through a ring of 170: it wraps twice.
         for chunk in (0..400u32).collect::<Vec<_>>().chunks(100) {
-            let raw = page.as_mut_ptr();
-            let view = unsafe { std::slice::from_raw_parts_mut(raw, 512) };
             for &i in chunk {
-                push(view, 170, 0x3f8, &[i as u8]);
+                push(&ring, 0x3f8, &[i as u8]);
             }
             assert!(!ring.is_empty());
             let n = ring.drain(|port, data| {
