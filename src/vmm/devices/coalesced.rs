@@ -126,12 +126,15 @@ impl Ring {
                 continue;
             }
             let base = HEADER + at as usize * ENTRY;
-            let mut entry = [0u8; ENTRY];
-            // SAFETY: `at < capacity`, so the entry lies inside the page; volatile
-            // because KVM shares the page.
-            for (i, b) in entry.iter_mut().enumerate() {
-                *b = unsafe { self.page.as_ptr().add(base + i).read_volatile() };
-            }
+            // SAFETY: `at < capacity`, so the entry lies inside the page (a byte
+            // array needs no alignment); volatile because KVM shares the page.
+            let entry = unsafe {
+                self.page
+                    .as_ptr()
+                    .add(base)
+                    .cast::<[u8; ENTRY]>()
+                    .read_volatile()
+            };
             let addr = u64::from_ne_bytes(entry[0..8].try_into().unwrap_or_default());
             let len = u32::from_ne_bytes(entry[8..12].try_into().unwrap_or_default());
             each(addr, &entry[16..16 + (len as usize).min(8)]);
