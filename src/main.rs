@@ -361,7 +361,11 @@ fn check(json: bool) -> i32 {
         for i in &report.items {
             outln!(
                 "{} {:<24} {}",
-                if i.ok { "ok  " } else { "FAIL" },
+                match (i.ok, i.warn) {
+                    (false, _) => "FAIL",
+                    (true, true) => "warn",
+                    (true, false) => "ok  ",
+                },
                 i.name,
                 i.detail
             );
