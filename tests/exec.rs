@@ -26,7 +26,10 @@ const LIMIT: Duration = Duration::from_secs(600);
 /// run in `dir`, no ledger.
 fn exec_in(dir: &Path, files: &[PathBuf], flags: &[&str], command: &[&str]) -> Output {
     let mut c = common::minivmm();
-    c.current_dir(dir).arg("exec").arg("--kernel").arg(&files[0]);
+    c.current_dir(dir)
+        .arg("exec")
+        .arg("--kernel")
+        .arg(&files[0]);
     // Without the modules (`&files[..1]`) the kernel has no virtio driver.
     if let Some(modules) = files.get(1) {
         c.arg("--modules").arg(modules);

@@ -15,9 +15,10 @@
 //! guest RAM mappings, and for each request it follows the transport's queue with a
 //! 0.17 queue set to the same rings and indices.
 //!
-//! A read-only share (`,ro`) is enforced here, before the server sees the request:
-//! every FUSE request that could change the directory gets EROFS, and so does an
-//! OPEN for writing or truncation.
+//! A read-only share (`,ro`) is enforced between the server and the passthrough
+//! (`fs_guard`), on the request as the server decoded it: every FUSE operation that
+//! could change the directory gets EROFS, and so does an OPEN for writing or
+//! truncation.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -26,6 +27,8 @@ use crate::vmm::memory::GuestRam;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+
+use super::fs_guard::Guarded;
 use virtio_queue::{Queue, QueueT};
 use virtio_queue_fs::QueueT as _;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -48,27 +51,6 @@ const QUEUES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 /// The tag is at most 36 bytes (config `tag[36]`, not NUL-terminated when full).
 pub const TAG_MAX: usize = 36;
 
-/// FUSE opcodes that change the file system (include/uapi/linux/fuse.h).
-const MUTATING: [u32; 16] = [
-    4,  // SETATTR
-    6,  // SYMLINK
-    8,  // MKNOD
-    9,  // MKDIR
-    10, // UNLINK
-    11, // RMDIR
-    12, // RENAME
-    13, // LINK
-    16, // WRITE
-    21, // SETXATTR
-    24, // REMOVEXATTR
-    35, // CREATE
-    43, // FALLOCATE
-    45, // RENAME2
-    47, // COPY_FILE_RANGE
-    51, // TMPFILE
-];
-/// FUSE_OPEN: checked for write access.
-const OPEN: u32 = 14;
 /// FUSE_INIT: its reply is widened to 1 MiB requests (`widen_init_reply`).
 const INIT: u32 = 26;
 /// `FUSE_MAX_PAGES` in `fuse_init_in.flags` / `fuse_init_out.flags`: the driver
@@ -79,9 +61,8 @@ const FUSE_MAX_PAGES: u32 = 1 << 22;
 const FUSE_BIG_WRITES: u32 = 1 << 5;
 /// Pages per request the server accepts (its `MAX_BUFFER_SIZE`, 1 MiB).
 const MAX_PAGES: u16 = 256;
-/// Bytes of `struct fuse_in_header` and `struct fuse_out_header`.
+/// Bytes of `struct fuse_in_header`.
 const IN_HEADER: usize = 40;
-const OUT_HEADER: usize = 16;
 
 /// Errors setting up a share; each says which directory and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +98,11 @@ pub enum ShareError {
 
 /// The file system device.
 pub struct Fs {
-    server: Server<PassthroughFs>,
+    server: Server<Guarded>,
     /// The same guest RAM, as vm-memory 0.17 sees it (fuse-backend-rs's version).
     mem: vm_memory_fs::GuestMemoryMmap,
     tag: String,
     dir: PathBuf,
-    read_only: bool,
     config: [u8; 40],
     counters: std::sync::Arc<Counters>,
 }
@@ -193,11 +173,10 @@ impl Fs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[36..40].copy_from_slice(&1u32.to_le_bytes()); // num_request_queues
         Ok(Fs {
-            server: Server::new(fs),
+            server: Server::new(Guarded::new(fs, read_only)),
             mem: memory_view(mem)?,
             tag: tag.into(),
             dir: root,
-            read_only,
             config,
             counters: std::sync::Arc::default(),
         })
@@ -329,14 +308,8 @@ impl VirtioDevice for Fs {
                     head: chain.head,
                 });
             };
-            let written = match refuse_if_read_only(self.read_only, mem, &chain) {
-                Some(n) => n,
-                None => {
-                    let n = self.serve(desc_chain);
-                    widen_init_reply(mem, &chain, n);
-                    n
-                }
-            };
+            let written = self.serve(desc_chain);
+            widen_init_reply(mem, &chain, written);
             complete(queue, index, mem, chain.head, written)?;
             // For a share the counters are FUSE traffic: requests in, replies out.
             let c = &self.counters;
@@ -394,36 +367,6 @@ impl Fs {
             }
         }
     }
-}
-
-/// For a read-only share, answers a request that would change the directory with
-/// EROFS itself; returns the reply's length, or `None` to let the server serve it.
-fn refuse_if_read_only(read_only: bool, mem: &GuestRam, chain: &Chain) -> Option<u32> {
-    if !read_only {
-        return None;
-    }
-    let mut h = [0u8; IN_HEADER + 4];
-    if !read_from_segments(mem, &chain.readable, 0, &mut h[..IN_HEADER]) {
-        return None; // the server answers malformed requests itself
-    }
-    let opcode = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    let writes = if opcode == OPEN {
-        // struct fuse_open_in { u32 flags; ... } follows the header.
-        read_from_segments(mem, &chain.readable, IN_HEADER as u64, &mut h[IN_HEADER..]) && {
-            let flags = u32::from_le_bytes([h[40], h[41], h[42], h[43]]) as i32;
-            flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
-        }
-    } else {
-        MUTATING.contains(&opcode)
-    };
-    if !writes {
-        return None;
-    }
-    let mut out = [0u8; OUT_HEADER];
-    out[0..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
-    out[4..8].copy_from_slice(&(-libc::EROFS).to_le_bytes());
-    out[8..16].copy_from_slice(&h[8..16]); // unique
-    Some(write_to_segments(mem, &chain.writable, 0, &out) as u32)
 }
 
 /// fuse-backend-rs answers FUSE_INIT with `max_write` of 4 KiB and without

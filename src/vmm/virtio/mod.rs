@@ -32,6 +32,7 @@
 pub mod block;
 pub mod console;
 pub mod fs;
+pub mod fs_guard;
 pub mod rng;
 pub mod worker;
 
