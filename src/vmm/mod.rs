@@ -777,7 +777,7 @@ fn spawn_vcpu(
 }
 
 /// What a caught panic said: `panic!` carries a `&str` or a `String`.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

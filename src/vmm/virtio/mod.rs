@@ -118,6 +118,16 @@ pub enum VirtioError {
     /// The rings of a ready queue are not all inside guest RAM, or misaligned.
     #[error("queue {0}'s rings are not inside guest RAM")]
     BadRings(usize),
+    /// The device's code panicked on a request (minivmm's bug, or a library's,
+    /// such as the FUSE server's, on a request it did not expect). The device is
+    /// broken; the worker and every other device go on.
+    #[error("queue {queue}: the device panicked serving it: {what}")]
+    Panicked {
+        /// The queue.
+        queue: usize,
+        /// The panic's message.
+        what: String,
+    },
     /// The available ring's index moved further than the queue has entries.
     #[error("queue {queue}: the available ring is broken: {source}")]
     Avail {
@@ -471,7 +481,21 @@ impl VirtioMmio {
             return;
         }
         let result = if queue.is_valid(&self.mem) {
-            t.device.process(index, queue, &self.mem)
+            // A panic here would end the one worker thread and with it every
+            // device of the VM: catch it and break only this device. Unwind safety:
+            // the device is marked broken below and is never served again before
+            // the guest resets it (which gives it fresh queues).
+            let device = &mut t.device;
+            let mem = &self.mem;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                device.process(index, queue, mem)
+            }))
+            .unwrap_or_else(|payload| {
+                Err(VirtioError::Panicked {
+                    queue: index,
+                    what: crate::vmm::panic_message(payload.as_ref()),
+                })
+            })
         } else {
             Err(VirtioError::BadRings(index))
         };
@@ -883,18 +907,18 @@ mod tests {
 
     /// An entropy device with its queue 0 set up as a driver would (§3.1.1).
     fn rng_ready() -> (VirtioMmio, GuestRam) {
+        let (d, mem) = ready(Box::new(rng::Rng::default()));
+        assert_eq!(rd(&d, reg::DEVICE_ID), 4);
+        (d, mem)
+    }
+
+    /// `device` with its queue 0 (of 64 entries) set up as a driver would.
+    fn ready(device: Box<dyn VirtioDevice>) -> (VirtioMmio, GuestRam) {
         let mem = crate::vmm::memory::create_guest_memory(32).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let d = VirtioMmio::new(
-            Box::new(rng::Rng::default()),
-            mem.clone(),
-            irq,
-            MmioSlot::nth(0).unwrap(),
-        )
-        .unwrap();
+        let d = VirtioMmio::new(device, mem.clone(), irq, MmioSlot::nth(0).unwrap()).unwrap();
         assert_eq!(rd(&d, reg::MAGIC_VALUE), MAGIC);
         assert_eq!(rd(&d, reg::VERSION), 2);
-        assert_eq!(rd(&d, reg::DEVICE_ID), 4);
         wr(&d, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         wr(&d, reg::DEVICE_FEATURES_SEL, 1);
         assert_eq!(rd(&d, reg::DEVICE_FEATURES), 1, "VERSION_1 is offered");
@@ -998,6 +1022,51 @@ mod tests {
         wr(&d, reg::STATUS, 0);
         assert_eq!(rd(&d, reg::STATUS), 0);
         assert_eq!(rd(&d, reg::QUEUE_READY), 0);
+    }
+
+    /// A device whose code panics on every request.
+    struct Panics(Arc<Counters>);
+
+    impl VirtioDevice for Panics {
+        fn device_id(&self) -> u32 {
+            4
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[64]
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn process(
+            &mut self,
+            _index: usize,
+            _queue: &mut Queue,
+            _mem: &GuestRam,
+        ) -> Result<bool, VirtioError> {
+            panic!("a request it did not expect")
+        }
+        fn counters(&self) -> &Arc<Counters> {
+            &self.0
+        }
+        fn report(&self) -> (&'static str, Option<String>) {
+            ("panics", None)
+        }
+    }
+
+    #[test]
+    fn a_device_that_panics_is_broken_and_the_worker_lives_on() {
+        let (d, mem) = ready(Box::new(Panics(Arc::default())));
+        desc(&mem, 0, BUF, 16, WRITE, 0);
+        offer(&mem, 0, 0);
+        // Returns, instead of unwinding through the worker's loop.
+        d.process_queue(0);
+        assert_ne!(rd(&d, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(rd(&d, reg::INTERRUPT_STATUS), INT_CONFIG_CHANGE);
+        assert!(d.report().broken);
+        // The state lock was released, not poisoned: the device still answers.
+        wr(&d, reg::STATUS, 0);
+        assert_eq!(rd(&d, reg::STATUS), 0);
     }
 
     #[test]
