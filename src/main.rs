@@ -609,7 +609,7 @@ fn report(args: &RunArgs, json_file: Option<&File>, o: &Outcome, started: Instan
                 eprintln!(
                     "{:<12} {n:>10} {t:>12.3?} {:>10.3?}",
                     k.name(),
-                    t / n as u32
+                    t.div_f64(n as f64)
                 );
             }
         }

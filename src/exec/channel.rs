@@ -100,8 +100,17 @@ impl Demux {
                     let _ = self.err.write_all(body).and_then(|()| self.err.flush());
                     None
                 }
-                3 => word().map(GuestEnd::Exited),
-                4 => word().map(GuestEnd::Signaled),
+                // An exit status is 0-255 and a signal 1-64 (wait(2)); anything
+                // else is a broken init or a guest's forgery, and must not turn
+                // into this process's status (256 would exit 0).
+                3 => word().map(|n| match n {
+                    0..=255 => GuestEnd::Exited(n),
+                    _ => GuestEnd::InitFailed(format!("the guest reported exit status {n}")),
+                }),
+                4 => word().map(|s| match s {
+                    1..=64 => GuestEnd::Signaled(s),
+                    _ => GuestEnd::InitFailed(format!("the guest reported signal {s}")),
+                }),
                 5 => word().map(|e| GuestEnd::NotStarted(e as i32)),
                 _ => Some(GuestEnd::InitFailed(
                     String::from_utf8_lossy(body).trim().to_string(),
@@ -187,6 +196,14 @@ mod tests {
     fn init_failure_and_signal_and_not_started() {
         for (f, want) in [
             (frame(4, &9u32.to_le_bytes()), GuestEnd::Signaled(9)),
+            (
+                frame(3, &256u32.to_le_bytes()),
+                GuestEnd::InitFailed("the guest reported exit status 256".into()),
+            ),
+            (
+                frame(4, &0xffff_ff80u32.to_le_bytes()),
+                GuestEnd::InitFailed("the guest reported signal 4294967168".into()),
+            ),
             (frame(5, &2u32.to_le_bytes()), GuestEnd::NotStarted(2)),
             (
                 frame(6, b"mount virtiofs: No such device\n"),

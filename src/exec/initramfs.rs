@@ -162,6 +162,13 @@ pub fn base_archive(modules: &[(String, PathBuf)]) -> Result<Vec<u8>, ExecError>
             dir: path.clone(),
             source,
         })?;
+        // newc's size field is 8 hex digits.
+        if u32::try_from(data.len()).is_err() {
+            return Err(ExecError::Modules {
+                dir: path.clone(),
+                source: std::io::Error::other("larger than 4 GiB, more than a cpio archive holds"),
+            });
+        }
         let file = path.file_name().and_then(|n| n.to_str()).unwrap_or(name);
         let ext = &file[module_stem(file).map_or(0, str::len)..];
         c.file(

@@ -140,7 +140,8 @@ pub fn admit(a: &Admission<'_>) -> Result<Claim, LaunchError> {
         .iter()
         .filter_map(|d| std::fs::metadata(&d.path).ok())
         .map(|m| m.len())
-        .sum();
+        // Sparse images can claim exabytes: a sum past u64 is "too big", not 0.
+        .fold(0u64, u64::saturating_add);
     let disk_gib = disk_bytes.div_ceil(1 << 30);
     ledger
         .claim_local_grouped(&name, a.group, a.vcpus, a.memory_mib, disk_gib)

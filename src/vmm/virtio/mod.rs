@@ -717,7 +717,8 @@ impl Transport {
                 let lo = |cur: u64| (cur & !0xffff_ffff) | u64::from(v);
                 let hi = |cur: u64| (cur & 0xffff_ffff) | (u64::from(v) << 32);
                 let ok = match offset {
-                    reg::QUEUE_NUM => q.try_set_size(v as u16).is_ok(),
+                    // A size past u16 is refused, not truncated to its low bits.
+                    reg::QUEUE_NUM => u16::try_from(v).is_ok_and(|n| q.try_set_size(n).is_ok()),
                     reg::QUEUE_READY => {
                         q.set_ready(v == 1 && !refused);
                         true
@@ -914,6 +915,11 @@ mod tests {
 
     /// `device` with its queue 0 (of 64 entries) set up as a driver would.
     fn ready(device: Box<dyn VirtioDevice>) -> (VirtioMmio, GuestRam) {
+        ready_with(device, 8)
+    }
+
+    /// As [`ready`], with `queue_num` written to QueueNum.
+    fn ready_with(device: Box<dyn VirtioDevice>, queue_num: u32) -> (VirtioMmio, GuestRam) {
         let mem = crate::vmm::memory::create_guest_memory(32).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let d = VirtioMmio::new(device, mem.clone(), irq, MmioSlot::nth(0).unwrap()).unwrap();
@@ -932,7 +938,7 @@ mod tests {
         assert_ne!(rd(&d, reg::STATUS) & status::FEATURES_OK, 0);
         wr(&d, reg::QUEUE_SEL, 0);
         assert_eq!(rd(&d, reg::QUEUE_NUM_MAX), 64);
-        wr(&d, reg::QUEUE_NUM, 8);
+        wr(&d, reg::QUEUE_NUM, queue_num);
         wr(&d, reg::QUEUE_DESC_LOW, DESC as u32);
         wr(&d, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
         wr(&d, reg::QUEUE_DEVICE_LOW, USED as u32);
@@ -1083,6 +1089,15 @@ mod tests {
                 "addr {addr:#x} next {next}"
             );
         }
+    }
+
+    #[test]
+    fn a_queue_size_past_16_bits_is_refused_not_truncated() {
+        // 0x1_0008's low 16 bits are a valid size (8).
+        let (d, _mem) = ready_with(Box::new(rng::Rng::default()), 0x1_0008);
+        assert_eq!(rd(&d, reg::QUEUE_READY), 0, "the queue cannot be made ready");
+        let (d, _mem) = ready_with(Box::new(rng::Rng::default()), 8);
+        assert_eq!(rd(&d, reg::QUEUE_READY), 1);
     }
 
     #[test]
