@@ -308,8 +308,9 @@ struct ConsoleQuery {
     follow: Option<u8>,
 }
 
-/// The console log; with `follow=1` the response stays open and carries what the
-/// guest writes until the VM ends (or the client goes).
+/// The console log, streamed in chunks (the guest decides its size: it is never
+/// read into memory whole); with `follow=1` the response stays open and carries
+/// what the guest writes until the VM ends (or the client goes).
 async fn console(
     State(sup): Shared,
     UrlPath(name): UrlPath<String>,
@@ -318,25 +319,29 @@ async fn console(
     let Query(q) = q.map_err(|r| ApiError::BadRequest(r.body_text()))?;
     let path = sup.console_path(&name)?;
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if q.follow.unwrap_or(0) == 0 {
-        let bytes = std::fs::read(&path).unwrap_or_default();
-        return Ok((text, bytes).into_response());
-    }
+    let follow = q.follow.unwrap_or(0) != 0;
+    // Without follow: what is there now, not what a busy guest adds while it is sent.
+    let mut left = if follow {
+        u64::MAX
+    } else {
+        std::fs::metadata(&path).map_or(0, |m| m.len())
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         let mut file = None;
-        loop {
+        while left > 0 {
             // Looked at before the read: a VM that ended has written all it will.
-            let live = sup.is_live(&name);
+            let live = follow && sup.is_live(&name);
             if file.is_none() {
                 file = std::fs::File::open(&path).ok();
             }
-            let mut chunk = vec![0u8; 16 * 1024];
+            let mut chunk = vec![0u8; (16 * 1024).min(left) as usize];
             let n = file
                 .as_mut()
                 .and_then(|f| f.read(&mut chunk).ok())
                 .unwrap_or(0);
             if n > 0 {
+                left -= n as u64;
                 chunk.truncate(n);
                 if tx.send(hyper::body::Bytes::from(chunk)).await.is_err() {
                     return; // the client went away

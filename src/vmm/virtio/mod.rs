@@ -1095,7 +1095,11 @@ mod tests {
     fn a_queue_size_past_16_bits_is_refused_not_truncated() {
         // 0x1_0008's low 16 bits are a valid size (8).
         let (d, _mem) = ready_with(Box::new(rng::Rng::default()), 0x1_0008);
-        assert_eq!(rd(&d, reg::QUEUE_READY), 0, "the queue cannot be made ready");
+        assert_eq!(
+            rd(&d, reg::QUEUE_READY),
+            0,
+            "the queue cannot be made ready"
+        );
         let (d, _mem) = ready_with(Box::new(rng::Rng::default()), 8);
         assert_eq!(rd(&d, reg::QUEUE_READY), 1);
     }
