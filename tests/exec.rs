@@ -377,6 +377,13 @@ fn bad_requests_are_refused_before_any_vm() {
     let (code, err) = run(&["exec", "--kernel", k]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("CMD"), "{err}");
+    // A request wrong in itself is refused as such, before the host is looked at.
+    let (code, err) = run(&["exec", "--kernel", k, "--env", "NOEQUALS", "--", "true"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("NAME=VALUE"), "{err}");
+    let (code, err) = run(&["exec", "--kernel", k, "--vcpus", "0", "--", "true"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("--vcpus 0 is out of range"), "{err}");
     let (code, err) = run(&["exec", "--kernel", "/nonexistent/vmlinuz", "--", "true"]);
     assert_eq!(code, Some(125), "{err}");
     if hardware_kvm() {
@@ -384,9 +391,6 @@ fn bad_requests_are_refused_before_any_vm() {
             err.contains("cannot read the guest kernel /nonexistent/vmlinuz"),
             "{err}"
         );
-        let (code, err) = run(&["exec", "--kernel", k, "--env", "NOEQUALS", "--", "true"]);
-        assert_eq!(code, Some(125), "{err}");
-        assert!(err.contains("NAME=VALUE"), "{err}");
         let (code, err) = run(&["exec", "--kernel", k, "--rw", "/nonexistent", "--", "true"]);
         assert_eq!(code, Some(125), "{err}");
         assert!(err.contains("--rw /nonexistent"), "{err}");

@@ -103,6 +103,9 @@ pub enum ExecError {
     /// No command.
     #[error("no command to run: give it after `--`, e.g. `minivmm exec -- make test`")]
     NoCommand,
+    /// --vcpus or --memory out of range.
+    #[error(transparent)]
+    Config(#[from] crate::vmm::config::ConfigError),
     /// Something else of the host failed.
     #[error("{what}: {source}")]
     Os {
@@ -198,6 +201,18 @@ fn share_dir(flag: &'static str, p: &Path) -> Result<PathBuf, ExecError> {
 pub fn plan(req: &Request) -> Result<(VmConfig, Pending), ExecError> {
     if req.command.is_empty() {
         return Err(ExecError::NoCommand);
+    }
+    // What is wrong with the request itself is said first, whatever the host.
+    let mut sizes = VmConfig::new("");
+    sizes.vcpus = req.vcpus;
+    sizes.memory_mib = req.memory_mib;
+    sizes.validate()?;
+    if let Some(e) = req
+        .env
+        .iter()
+        .find(|e| !e.split_once('=').is_some_and(|(k, _)| !k.is_empty()))
+    {
+        return Err(ExecError::BadEnv(e.clone()));
     }
     if KvmFlavor::detect() == KvmFlavor::Pvm {
         return Err(ExecError::Pvm);
