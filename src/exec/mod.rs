@@ -210,7 +210,7 @@ pub fn plan(req: &Request) -> Result<(VmConfig, Pending), ExecError> {
     if let Some(e) = req
         .env
         .iter()
-        .find(|e| !e.split_once('=').is_some_and(|(k, _)| !k.is_empty()))
+        .find(|e| e.split_once('=').is_none_or(|(k, _)| k.is_empty()))
     {
         return Err(ExecError::BadEnv(e.clone()));
     }
