@@ -495,3 +495,30 @@ fn help_explains_exit_statuses() {
         assert_eq!(got, Some(want), "the status listed as {status}");
     }
 }
+
+/// A VM stopped at its timeout says where each vCPU stood: a guest that hangs
+/// without a word is then found in its System.map, not guessed at.
+#[test]
+fn a_timeout_says_where_each_vcpu_was() {
+    if !kvm_or_skip("a_timeout_says_where_each_vcpu_was") {
+        return;
+    }
+    let d = scratch("timeout_where");
+    let k = tiny_guest(&d, "spin", "1: jmp 1b", true);
+    let o = output({
+        let mut c = minivmm();
+        c.arg("run")
+            .arg("--kernel")
+            .arg(&k)
+            .args(["--serial", "none", "--timeout", "300ms"]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    let err = stderr(&o);
+    let line = err
+        .lines()
+        .find(|l| l.contains("at the timeout, vCPU 0 was at rip=0x"))
+        .unwrap_or_else(|| panic!("no position of vCPU 0: {err}"));
+    // The guest spins with interrupts as the boot left them (off) and no exits.
+    assert!(line.contains(" if=0 ") && line.contains("after "), "{line}");
+}

@@ -151,6 +151,9 @@ pub struct VcpuShared {
     pub devices: Arc<Devices>,
     /// Set when the VM is ending: each thread checks it before re-entering the guest.
     pub stop: AtomicBool,
+    /// Set (before `stop`) when the VM ends at its timeout: each vCPU then logs
+    /// where it stood, for a guest that hung without a word.
+    pub timed_out: AtomicBool,
     /// Guest memory, to read code bytes for failure reports.
     pub mem: GuestRam,
     /// Log every exit.
@@ -475,6 +478,9 @@ pub fn run(mut vcpu: VcpuFd, id: u32, shared: Arc<VcpuShared>) -> (VcpuEnd, Exit
     let mut stats = ExitStats::default();
     loop {
         if shared.stop.load(Ordering::Acquire) {
+            if shared.timed_out.load(Ordering::Acquire) {
+                log_at_timeout(&vcpu, id, &stats);
+            }
             return (VcpuEnd::Stopped, stats);
         }
         let result = vcpu.run();
@@ -637,6 +643,25 @@ fn log_triple_fault(vcpu: &VcpuFd, id: u32) {
             s.idt.limit
         ),
         _ => log::warn!("vCPU {id} triple-faulted; its registers could not be read"),
+    }
+}
+
+/// Logs where vCPU `id` stood when its VM's time ran out: RIP (look it up in the
+/// kernel's System.map), RSP, RFLAGS' IF (0: interrupts off, as in a spin with them
+/// masked), CR3, and how many exits it had made. A vCPU stopped in HLT waits for an
+/// interrupt; one busy in the guest with few exits is spinning, or (on a nested bed)
+/// stuck in the outer KVM's own handling of its faults.
+fn log_at_timeout(vcpu: &VcpuFd, id: u32, stats: &ExitStats) {
+    let exits = stats.total();
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => log::warn!(
+            "at the timeout, vCPU {id} was at rip={:#x} rsp={:#x} if={} cr3={:#x}, after {exits} exits",
+            r.rip,
+            r.rsp,
+            (r.rflags >> 9) & 1,
+            s.cr3
+        ),
+        _ => log::warn!("at the timeout, vCPU {id} (registers unreadable), after {exits} exits"),
     }
 }
 

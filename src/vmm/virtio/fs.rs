@@ -158,17 +158,7 @@ impl Fs {
         }
         raise_open_file_limit();
         let fs = PassthroughFs::<()>::new(cfg).map_err(server_err)?;
-        // import() clears the umask (umask(0), so that the guest's modes are applied
-        // as it gives them), and the umask belongs to the whole process: every file
-        // minivmm (or a program embedding it) created afterwards, starting with the
-        // --serial-out file, would be world-writable. Put it back; the worker thread,
-        // where FUSE_INIT imports again, has a umask of its own (worker.rs).
-        // SAFETY: umask(2) only swaps the process's file mode creation mask.
-        let old = unsafe { libc::umask(0) };
-        let imported = fs.import();
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        imported.map_err(server_err)?;
+        import(&fs).map_err(server_err)?;
         let mut config = [0u8; 40];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[36..40].copy_from_slice(&1u32.to_le_bytes()); // num_request_queues
@@ -181,6 +171,21 @@ impl Fs {
             counters: std::sync::Arc::default(),
         })
     }
+}
+
+/// Opens the shared directory for `fs` (`PassthroughFs::import`), keeping the
+/// process's umask. import() clears the umask (umask(0), so that the guest's modes
+/// are applied as it gives them), and the umask belongs to the whole process: every
+/// file minivmm (or a program embedding it) created afterwards, starting with the
+/// --serial-out file, would be world-writable. So it is put back; the worker thread,
+/// where FUSE_INIT imports again, has a umask of its own (worker.rs).
+pub(super) fn import(fs: &PassthroughFs<()>) -> std::io::Result<()> {
+    // SAFETY: umask(2) only swaps the process's file mode creation mask.
+    let old = unsafe { libc::umask(0) };
+    let imported = fs.import();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    imported
 }
 
 /// The passthrough file system keeps an open (O_PATH) descriptor for every file the

@@ -457,13 +457,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        // import() sets the umask to 0 for the whole process; keep the test's.
-        // SAFETY: umask(2) only swaps the process's file mode creation mask.
-        let old = unsafe { libc::umask(0) };
-        let imported = fs.import();
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        imported.unwrap();
+        crate::vmm::virtio::fs::import(&fs).unwrap();
         let g = Guarded::new(fs, true);
         g.init(FsOptions::empty()).unwrap();
         let ctx = Context::default();
