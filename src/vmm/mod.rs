@@ -647,13 +647,13 @@ impl VmHandle {
             .vm
             .take()
             .expect("finish runs once, and the VM is set until then");
-        // Stop every vCPU: raise the flag, then signal all the threads at once, again
-        // and again until every one has left KVM_RUN (a signal that lands just before
-        // KVM_RUN would be missed, hence the repeat), and only then join them.
         // Before the stop flag: a vCPU that sees the stop of a timeout says where it was.
         if matches!(end, End::Timeout) {
             vm.shared.timed_out.store(true, Ordering::Release);
         }
+        // Stop every vCPU: raise the flag, then signal all the threads at once, again
+        // and again until every one has left KVM_RUN (a signal that lands just before
+        // KVM_RUN would be missed, hence the repeat), and only then join them.
         vm.shared.stop.store(true, Ordering::Release);
         if matches!(end, End::Timeout) {
             // A guest that ran out of time is often waiting on a device: say where
