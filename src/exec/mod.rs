@@ -207,13 +207,15 @@ pub fn plan(req: &Request) -> Result<(VmConfig, Pending), ExecError> {
     sizes.vcpus = req.vcpus;
     sizes.memory_mib = req.memory_mib;
     sizes.validate()?;
-    if let Some(e) = req
+    let overrides = req
         .env
         .iter()
-        .find(|e| e.split_once('=').is_none_or(|(k, _)| k.is_empty()))
-    {
-        return Err(ExecError::BadEnv(e.clone()));
-    }
+        .map(|e| {
+            e.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| ExecError::BadEnv(e.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if KvmFlavor::detect() == KvmFlavor::Pvm {
         return Err(ExecError::Pvm);
     }
@@ -324,11 +326,7 @@ pub fn plan(req: &Request) -> Result<(VmConfig, Pending), ExecError> {
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
         .map(|(k, v)| (k.as_encoded_bytes().to_vec(), v.as_encoded_bytes().to_vec()))
         .collect();
-    for e in &req.env {
-        let (k, v) = e
-            .split_once('=')
-            .filter(|(k, _)| !k.is_empty())
-            .ok_or_else(|| ExecError::BadEnv(e.clone()))?;
+    for (k, v) in overrides {
         env.retain(|(name, _)| name != k.as_bytes());
         env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
     }
